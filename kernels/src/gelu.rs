@@ -1,4 +1,123 @@
-//! GELU, tanh approximation (owned by agent brief "adamw").
-use candle_core::{bail, Result, Tensor};
-pub fn gelu(_x: &Tensor) -> Result<Tensor> { bail!("not implemented yet") }
-pub fn gelu_reference(_x: &Tensor) -> Result<Tensor> { bail!("not implemented yet") }
+//! GELU with the tanh approximation used by GPT-2,
+//! `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`, with its gradient.
+//!
+//! `gelu` is a `CustomOp1` whose CPU forward and backward are one elementwise pass each, parallel
+//! over fixed-size chunks; the reference composes seven candle ops, each allocating a full tensor and
+//! recording a graph node. The backward recomputes tanh from `x` (llm.c's `gelu_backward`) so that
+//! nothing but `x` has to be kept. `gelu_reference` is the spec, built from differentiable candle ops.
+
+use crate::util::{contiguous_slice, KernelFloat};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// sqrt(2 / pi).
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const COEFF: f32 = 0.044_715;
+/// Elements per rayon task: tanh costs tens of cycles, so 16K elements amortize scheduling well.
+const TASK_ELEMS: usize = 16 * 1024;
+
+/// GELU (tanh approximation) of `x`, f32, bf16 or f16 (arithmetic in f32). Differentiable; CPU only.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    // The kernel walks the buffer linearly, so strided views are copied first (differentiably).
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// The spec: GELU from candle primitives in f32 (f64 for f64 inputs, for finite-difference checks),
+/// cast back to `x`'s dtype.
+pub fn gelu_reference(x: &Tensor) -> Result<Tensor> {
+    let compute = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let xf = x.to_dtype(compute)?;
+    let cube = xf.sqr()?.mul(&xf)?;
+    // Constants in f64 so that the f64 reference is exact to f64 precision.
+    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = (xf.clone() + cube.affine(0.044_715, 0.0)?)?.affine(sqrt_2_over_pi, 0.0)?;
+    let y = xf.mul(&inner.tanh()?.affine(0.5, 0.5)?)?;
+    y.to_dtype(x.dtype())
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = "gelu";
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous_slice(x, l, op)?)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(forward(contiguous_slice(x, l, op)?)),
+            CpuStorage::F16(x) => CpuStorage::F16(forward(contiguous_slice(x, l, op)?)),
+            other => bail!("gelu: unsupported dtype {:?} (expected f32, bf16 or f16)", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        let dev = candle_core::Device::Cpu;
+        let n = x.elem_count();
+        let dx = {
+            let (xs, xl) = x.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
+                bail!("gelu backward: only CPU tensors are supported, x is on {:?}", x.device().location())
+            };
+            let op = "gelu backward";
+            match (xs, gs) {
+                (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
+                }
+                (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
+                }
+                (CpuStorage::F16(x), CpuStorage::F16(g)) => {
+                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
+                }
+                _ => bail!(
+                    "gelu backward: unsupported dtypes x {:?}, grad {:?} (expected both f32, bf16 or f16)",
+                    xs.dtype(),
+                    gs.dtype()
+                ),
+            }
+        };
+        Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
+#[inline(always)]
+fn gelu_f32(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + COEFF * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
+}
+
+/// d gelu / dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+#[inline(always)]
+fn gelu_grad_f32(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + COEFF * x * x * x);
+    let t = u.tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * COEFF * x * x)
+}
+
+fn forward<T: KernelFloat>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::narrow(0.0); x.len()];
+    y.par_chunks_mut(TASK_ELEMS).zip(x.par_chunks(TASK_ELEMS)).for_each(|(y, x)| {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = T::narrow(gelu_f32(v.widen()));
+        }
+    });
+    y
+}
+
+fn backward<T: KernelFloat>(x: &[T], dy: &[T]) -> Vec<T> {
+    let mut dx = vec![T::narrow(0.0); x.len()];
+    dx.par_chunks_mut(TASK_ELEMS).zip(x.par_chunks(TASK_ELEMS)).zip(dy.par_chunks(TASK_ELEMS)).for_each(
+        |((dx, x), dy)| {
+            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                *o = T::narrow(g.widen() * gelu_grad_f32(v.widen()));
+            }
+        },
+    );
+    dx
+}

@@ -30,3 +30,44 @@ pub(crate) fn from_f32_vec(values: Vec<f32>, like: candle_core::DType, op: &str)
         other => bail!("{op}: unsupported dtype {other:?} (expected f32, bf16 or f16)"),
     })
 }
+
+/// Element types the CPU kernels read and write in place (f32, bf16, f16). Arithmetic is always
+/// f32: `widen` on load and `narrow` on store let one generic loop serve every dtype without first
+/// copying a whole tensor to f32 (the kernels are memory-bound, so the extra pass would cost).
+pub(crate) trait KernelFloat: candle_core::WithDType + Send + Sync {
+    fn widen(self) -> f32;
+    fn narrow(v: f32) -> Self;
+}
+
+impl KernelFloat for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+}
+
+impl KernelFloat for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl KernelFloat for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}

@@ -1,1 +1,13 @@
-//! placeholder
+//! Models driven block by block, as the ZeRO engine needs them.
+//!
+//! A model here is a set of *units*: a root unit (embeddings, final norm, head) and one unit per
+//! transformer block, each a list of named parameters. The engine owns the parameters (it shards,
+//! gathers and updates them); the model is pure compute over tensors it is handed. This follows
+//! torchtitan's rule that models know nothing of parallelism, and it lets the engine run the
+//! backward one block at a time (see docs/ARCHITECTURE.md, "Why per-block backward").
+
+pub mod block_model;
+pub mod gpt2;
+
+pub use block_model::{BlockModel, Carry, Init, ParamSpec, UnitSpec};
+pub use gpt2::{Gpt2, Gpt2Config};

@@ -1,1 +1,20 @@
-//! placeholder
+//! zero-candle: a training engine for candle models with ZeRO-style sharding in mind.
+//!
+//! Layers, top-down: `train` (the loop behind `zero-candle train`), `engine` (flat fp32 master
+//! weights and AdamW moments per unit, block-by-block forward and backward), `layout` (flat
+//! buffers and their offset tables), `config` (TOML with documented defaults), `metrics`,
+//! `schedule`, `sample`, `model_io` (the model folder with Hugging Face names) and `bench`.
+
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod layout;
+pub mod metrics;
+pub mod model_io;
+pub mod rng;
+pub mod sample;
+pub mod schedule;
+pub mod train;
+
+pub use config::Config;
+pub use engine::{Engine, MicroBatch, StepStats};

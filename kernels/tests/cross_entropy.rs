@@ -1,0 +1,196 @@
+//! Tests for `cross_entropy`: the reference once against central finite differences in f64, then
+//! the fused op (loss and logits gradient, with and without an upstream scale and a divisor)
+//! against the reference in f32 and bf16 at odd sizes with ignored targets, plus a known value,
+//! divisor semantics, the all-ignored case and the error messages. An `#[ignore]`d timing test
+//! compares fast and reference fwd+bwd at GPT-2-like sizes.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use kernels::testing::{assert_close, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
+
+type Loss = fn(&Tensor, &Tensor, Option<f64>) -> Result<Tensor>;
+
+/// Deterministic values in [-scale, scale) (splitmix64), so failures reproduce.
+fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Targets of the given shape in 0..v, with every `ignore_every`-th one IGNORE_INDEX.
+fn targets(shape: &[usize], v: usize, seed: u64, ignore_every: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data: Vec<u32> = (0..n)
+        .map(|i| if i % ignore_every == ignore_every - 1 { IGNORE_INDEX } else { ((i as u64 * 7919 + seed * 104_729) % v as u64) as u32 })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Loss, and gradient of `upstream * loss` with respect to the logits (as a Var).
+fn loss_and_grad(f: Loss, logits: &Tensor, targets: &Tensor, divisor: Option<f64>, upstream: f64) -> (f32, Tensor) {
+    let var = Var::from_tensor(logits).unwrap();
+    let loss = f(var.as_tensor(), targets, divisor).unwrap();
+    assert_eq!((loss.dtype(), loss.rank()), (DType::F32, 0), "loss must be a scalar f32");
+    let grads = if upstream == 1.0 { loss.backward() } else { (&loss * upstream).unwrap().backward() }.unwrap();
+    let grad = grads.get(var.as_tensor()).expect("missing logits gradient").clone();
+    (loss.to_scalar::<f32>().unwrap(), grad)
+}
+
+fn scalar(x: f32) -> Tensor {
+    Tensor::new(x, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn cross_entropy_reference_gradient_matches_finite_differences_f64() {
+    let logits = rand(&[3, 5], 1, 2.0).to_dtype(DType::F64).unwrap();
+    let t = Tensor::new(&[4u32, IGNORE_INDEX, 0], &Device::Cpu).unwrap();
+    for divisor in [None, Some(2.5)] {
+        let var = Var::from_tensor(&logits).unwrap();
+        let grads = cross_entropy_reference(var.as_tensor(), &t, divisor).unwrap().backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap();
+        let fd = finite_difference_grad(&logits, 1e-6, |x| cross_entropy_reference(x, &t, divisor)?.to_scalar::<f64>()).unwrap();
+        assert_close(grad, &fd, Tolerance { rtol: 1e-5, atol: 1e-7 }, &format!("finite differences, divisor {divisor:?}"));
+        let ignored_row = grad.get(1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        assert_eq!(ignored_row, 0.0, "ignored row must get zero gradient");
+    }
+}
+
+/// Fast vs reference (on the same rounded logits, widened to f32) for loss and gradient, with
+/// the default divisor and with an explicit one plus an upstream scale of V (which makes the
+/// gradient entries O(1), so that the bf16 tolerance is not vacuous).
+fn check_against_reference(shape: &[usize], seed: u64, dtype: DType, tol: Tolerance) {
+    let v = shape[shape.len() - 1];
+    let logits = rand(shape, seed, 4.0).to_dtype(dtype).unwrap();
+    let logits_ref = logits.to_dtype(DType::F32).unwrap();
+    let t = targets(&shape[..shape.len() - 1], v, seed, 5);
+    for (divisor, upstream) in [(None, 1.0), (Some(3.0), v as f64)] {
+        let what = format!("{shape:?} {dtype:?} divisor {divisor:?} upstream {upstream}");
+        let (loss, grad) = loss_and_grad(cross_entropy, &logits, &t, divisor, upstream);
+        let (loss_ref, grad_ref) = loss_and_grad(cross_entropy_reference, &logits_ref, &t, divisor, upstream);
+        // Both compute the loss in f32 from identical values: only summation order differs.
+        assert_close(&scalar(loss), &scalar(loss_ref), F32_TOL, &format!("loss {what}"));
+        assert_eq!(grad.dtype(), dtype, "gradient dtype {what}");
+        assert_close(&grad, &grad_ref, tol, &format!("gradient {what}"));
+    }
+}
+
+#[test]
+fn cross_entropy_loss_and_gradient_match_reference_f32() {
+    check_against_reference(&[37, 67], 10, DType::F32, F32_TOL);
+    check_against_reference(&[3, 7, 1001], 11, DType::F32, F32_TOL);
+}
+
+#[test]
+fn cross_entropy_loss_and_gradient_match_reference_bf16() {
+    check_against_reference(&[37, 67], 20, DType::BF16, BF16_TOL);
+    check_against_reference(&[3, 7, 1001], 21, DType::BF16, BF16_TOL);
+}
+
+#[test]
+fn cross_entropy_loss_and_gradient_match_reference_f16() {
+    check_against_reference(&[5, 3, 67], 30, DType::F16, BF16_TOL);
+}
+
+#[test]
+fn cross_entropy_of_uniform_logits_is_log_vocab_size() {
+    let (n, v) = (9, 50);
+    let logits = Tensor::full(0.3f32, (n, v), &Device::Cpu).unwrap();
+    let t = targets(&[n], v, 3, 4);
+    let (loss, grad) = loss_and_grad(cross_entropy, &logits, &t, None, 1.0);
+    assert!((loss - (v as f32).ln()).abs() < 1e-5, "loss {loss}, expected ln {v} = {}", (v as f32).ln());
+    // Row 0 (target not ignored): softmax = 1/V everywhere, minus 1 at the target, over 7 rows.
+    let row0 = grad.get(0).unwrap().to_vec1::<f32>().unwrap();
+    let t0 = t.get(0).unwrap().to_scalar::<u32>().unwrap() as usize;
+    let counted = 7.0; // 9 rows, rows 3 and 7 ignored
+    for (j, g) in row0.iter().enumerate() {
+        let expected = (1.0 / v as f32 - if j == t0 { 1.0 } else { 0.0 }) / counted;
+        assert!((g - expected).abs() < 1e-6, "grad[0][{j}] = {g}, expected {expected}");
+    }
+}
+
+#[test]
+fn cross_entropy_divisor_divides_the_summed_loss_and_gradient() {
+    let logits = rand(&[4, 6, 67], 40, 3.0);
+    let t = targets(&[4, 6], 67, 40, 4);
+    let counted = t.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().filter(|&&x| x != IGNORE_INDEX).count();
+    assert_eq!(counted, 18);
+    for f in [cross_entropy as Loss, cross_entropy_reference] {
+        let (sum, grad_sum) = loss_and_grad(f, &logits, &t, Some(1.0), 1.0);
+        let (mean, grad_mean) = loss_and_grad(f, &logits, &t, None, 1.0);
+        let (div, grad_div) = loss_and_grad(f, &logits, &t, Some(1000.0), 1.0);
+        assert!((mean - sum / counted as f32).abs() < 1e-5 * sum, "default divisor is the counted rows: {mean} vs {sum}/{counted}");
+        assert!((div - sum / 1000.0).abs() < 1e-6 * sum, "explicit divisor: {div} vs {sum}/1000");
+        assert_close(&grad_mean, &(&grad_sum / counted as f64).unwrap(), F32_TOL, "gradient with the default divisor");
+        assert_close(&grad_div, &(&grad_sum / 1000.0).unwrap(), F32_TOL, "gradient with divisor 1000");
+    }
+    let err = cross_entropy(&logits, &t, Some(0.0)).unwrap_err().to_string();
+    assert!(err.contains("divisor") && err.contains('0'), "{err}");
+}
+
+#[test]
+fn cross_entropy_all_ignored_gives_zero_loss_and_zero_gradient() {
+    let logits = rand(&[2, 3, 11], 50, 3.0);
+    let t = Tensor::full(IGNORE_INDEX, (2, 3), &Device::Cpu).unwrap();
+    for f in [cross_entropy as Loss, cross_entropy_reference] {
+        for divisor in [None, Some(8.0)] {
+            let (loss, grad) = loss_and_grad(f, &logits, &t, divisor, 2.0);
+            assert_eq!(loss, 0.0, "loss with divisor {divisor:?}");
+            let max = grad.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(max, 0.0, "gradient with divisor {divisor:?}");
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_out_of_range_target_naming_row_target_and_vocab() {
+    let logits = rand(&[6, 67], 60, 1.0);
+    let t = Tensor::new(&[0u32, 66, IGNORE_INDEX, 3, 67, 1], &Device::Cpu).unwrap();
+    for f in [cross_entropy as Loss, cross_entropy_reference] {
+        let err = f(&logits, &t, None).and_then(|l| l.to_scalar::<f32>()).unwrap_err().to_string();
+        assert!(err.contains("row 4") && err.contains("target 67") && err.contains("V = 67"), "{err}");
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_mismatched_shapes_naming_both() {
+    let cases: [(&[usize], &[usize]); 4] = [(&[4, 10], &[5]), (&[2, 3, 10], &[3, 2]), (&[2, 3, 10], &[6]), (&[10], &[])];
+    for (ls, ts) in cases {
+        let logits = rand(ls, 70, 1.0);
+        let t = Tensor::zeros(ts, DType::U32, &Device::Cpu).unwrap();
+        for f in [cross_entropy as Loss, cross_entropy_reference] {
+            let err = f(&logits, &t, None).unwrap_err().to_string();
+            assert!(err.contains(&format!("{ls:?}")) && err.contains(&format!("{ts:?}")), "{err}");
+        }
+    }
+    let err = cross_entropy(&rand(&[4, 10], 71, 1.0), &Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(), None).unwrap_err().to_string();
+    assert!(err.contains("u32"), "{err}");
+}
+
+/// Rough speed of fwd+bwd (run with `-- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn cross_entropy_timing_fast_vs_reference_f32() {
+    for (n, v) in [(12 * 256, 65), (4 * 256, 50257)] {
+        let logits = rand(&[n, v], 80, 4.0);
+        let t = targets(&[n], v, 80, 100);
+        for (name, f) in [("fast", cross_entropy as Loss), ("reference", cross_entropy_reference)] {
+            loss_and_grad(f, &logits, &t, None, 1.0); // warm-up
+            let iters = 3;
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                loss_and_grad(f, &logits, &t, None, 1.0);
+            }
+            println!("cross_entropy {name} f32 fwd+bwd ({n}, {v}): {:.1} ms/iter", start.elapsed().as_secs_f64() * 1e3 / iters as f64);
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The run configuration: TOML with every field documented and defaulted, unknown keys rejected
+//! (serde `deny_unknown_fields`), and `--set section.key=value` overrides validated the same way
+//! (each override is parsed as a TOML value and merged into the document before deserializing, so
+//! a typo in a key or a wrong type is the same clear error wherever it comes from).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything a run needs. `Config::default()` is the bundled-Shakespeare run of the README.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub sample: SampleConfig,
+}
+
+/// `[model]`: which GPT-2 and its sizes. A preset gives every size; a size set here overrides it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// GPT-2 preset: "char-small" (6 layers, 6 heads, width 384, context 256), "gpt2-mini"
+    /// (4/4/256, context 256) or "gpt2-124m" (12/12/768, context 1024). Default "gpt2-mini".
+    pub preset: String,
+    /// Override the preset's number of blocks. Default: the preset's.
+    pub n_layer: Option<usize>,
+    /// Override the preset's number of attention heads. Default: the preset's.
+    pub n_head: Option<usize>,
+    /// Override the preset's width (must be a multiple of n_head). Default: the preset's.
+    pub n_embd: Option<usize>,
+    /// Override the preset's context length (learned positions). Default: the preset's.
+    pub context: Option<usize>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { preset: "gpt2-mini".into(), n_layer: None, n_head: None, n_embd: None, context: None }
+    }
+}
+
+/// `[data]`: where the text is and how it is tokenized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Text files or folders of .txt files to train on. Default ["data/shakespeare"] (bundled).
+    pub sources: Vec<PathBuf>,
+    /// "char" for a character vocabulary built from the text, or the path of a Hugging Face
+    /// tokenizer.json. Default "char".
+    pub tokenizer: String,
+    /// Folder of prepared shards (`zero-candle prepare` output). Empty: prepare `sources` into
+    /// `<train.out_dir>/data` at the start of the run (reused when already there). Default "".
+    pub prepared_dir: PathBuf,
+    /// Fraction of each source file held out (its end) for validation. Default 0.1.
+    pub val_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { sources: vec![PathBuf::from("data/shakespeare")], tokenizer: "char".into(), prepared_dir: PathBuf::new(), val_fraction: 0.1 }
+    }
+}
+
+/// `[train]`: optimization and bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps. Default 1000.
+    pub max_steps: usize,
+    /// Sequences per micro-batch. Default 16.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step (tokens per step = batch_size *
+    /// grad_accum_steps * seq_len). Default 1.
+    pub grad_accum_steps: usize,
+    /// Tokens per sequence; 0 = the model's context. Default 128.
+    pub seq_len: usize,
+    /// Peak learning rate after warmup. Default 2e-3 (small models tolerate a high rate).
+    pub lr: f64,
+    /// Final learning rate of the cosine decay (reached at max_steps). Default 1e-4.
+    pub min_lr: f64,
+    /// Linear warmup steps from 0 to lr. Default 50.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay, on 2-D parameters only. Default 0.1.
+    pub weight_decay: f64,
+    /// AdamW beta1. Default 0.9.
+    pub beta1: f64,
+    /// AdamW beta2. Default 0.99 (nanoGPT's choice for small character models).
+    pub beta2: f64,
+    /// AdamW epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Clip the global gradient norm to this value; 0 disables. Default 1.0.
+    pub grad_clip: f64,
+    /// Evaluate the validation loss every this many steps (and at the end); 0 = only at the end.
+    /// Default 100.
+    pub eval_interval: usize,
+    /// Validation batches per evaluation. Default 20.
+    pub eval_batches: usize,
+    /// Print a log line every this many steps. Default 10.
+    pub log_interval: usize,
+    /// Seed for initialization and data order. Default 1337.
+    pub seed: u64,
+    /// Where metrics.jsonl, the prepared data and the final model go. Default "runs/default".
+    pub out_dir: PathBuf,
+    /// Compute threads (rayon); 0 = all cores. Default 0.
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 1000,
+            batch_size: 16,
+            grad_accum_steps: 1,
+            seq_len: 128,
+            lr: 2e-3,
+            min_lr: 1e-4,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_interval: 100,
+            eval_batches: 20,
+            log_interval: 10,
+            seed: 1337,
+            out_dir: PathBuf::from("runs/default"),
+            threads: 0,
+        }
+    }
+}
+
+/// `[sample]`: the text printed at the end of training and by `zero-candle sample`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// Text the sample continues. Default "\n" (a fresh line).
+    pub prompt: String,
+    /// Tokens to generate. Default 300.
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 = greedy. Default 0.8.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens; 0 = all. Default 0.
+    pub top_k: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self { prompt: "\n".into(), max_new_tokens: 300, temperature: 0.8, top_k: 0 }
+    }
+}
+
+/// A configuration error: names the key or file and says what to do.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Load `file` (if any), apply `overrides` ("section.key=value", value in TOML syntax; a bare
+    /// word is taken as a string), then validate.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+                text.parse()
+                    .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for item in overrides {
+            apply_override(&mut doc, item)?;
+        }
+        let source = file.map(|p| p.display().to_string()).unwrap_or_else(|| "--set overrides".into());
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e| ConfigError(format!("invalid configuration (from {source}): {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that serde cannot express (ranges, relations between fields).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("invalid value for {key}: {why}")));
+        if t.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1");
+        }
+        if t.grad_accum_steps == 0 {
+            return bad("train.grad_accum_steps", "must be at least 1");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad("train.lr", "must be a positive number");
+        }
+        if t.min_lr < 0.0 || t.min_lr > t.lr {
+            return bad("train.min_lr", "must be between 0 and train.lr");
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return bad("train.beta1/beta2", "must be in [0, 1)");
+        }
+        if t.grad_clip < 0.0 || t.weight_decay < 0.0 || t.eps <= 0.0 {
+            return bad("train.grad_clip/weight_decay/eps", "must be >= 0 (eps > 0)");
+        }
+        if t.eval_batches == 0 {
+            return bad("train.eval_batches", "must be at least 1");
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            return bad("data.val_fraction", "must be in (0, 1)");
+        }
+        if self.sample.temperature < 0.0 {
+            return bad("sample.temperature", "must be >= 0 (0 = greedy)");
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration as TOML (written next to the run's outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialize config: {e}\n"))
+    }
+}
+
+fn apply_override(doc: &mut toml::Table, item: &str) -> Result<(), ConfigError> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("--set {item:?}: expected section.key=value")))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() != 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError(format!("--set {item:?}: the key must be section.key, e.g. train.max_steps")));
+    }
+    // Parse the value as TOML; a bare word (not valid TOML) is a string, so `--set data.tokenizer=char` works.
+    let raw = raw.trim();
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    };
+    let section = doc
+        .entry(path[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section {
+        toml::Value::Table(t) => {
+            t.insert(path[1].to_string(), value);
+            Ok(())
+        }
+        _ => Err(ConfigError(format!("--set {item:?}: {} is not a section", path[0]))),
+    }
+}

@@ -1,0 +1,136 @@
+//! The `zero-candle` program: train, prepare, sample, bench.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use zero_candle::bench::{format_table, run_bench, BenchOptions};
+use zero_candle::config::{Config, SampleConfig};
+use zero_candle::train::{run_sample, run_training, set_threads, BoxError};
+
+#[derive(Parser)]
+#[command(name = "zero-candle", version, about = "Train GPT models on candle with ZeRO-style sharding")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a GPT (defaults: the bundled Shakespeare, character level, on the CPU).
+    Train {
+        /// TOML config file (see README for every key and its default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set train.max_steps=200 (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Tokenize text files into train/val token shards.
+    Prepare {
+        /// Text files or folders of .txt files.
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// "char" or the path of a Hugging Face tokenizer.json.
+        #[arg(long, default_value = "char")]
+        tokenizer: String,
+        /// Fraction of each file held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+    },
+    /// Continue a prompt with a trained model folder (<out_dir>/model).
+    Sample {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        #[arg(long, default_value_t = 300)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// 0 = no top-k filtering.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+    },
+    /// Time training steps of a preset on random tokens (forward / backward / optimizer).
+    Bench {
+        /// char-small, gpt2-mini or gpt2-124m.
+        #[arg(long, default_value = "char-small")]
+        model: String,
+        /// Sequences per step (0 = 12, or 4 for gpt2-124m).
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
+        /// Tokens per sequence (0 = 256).
+        #[arg(long, default_value_t = 0)]
+        seq_len: usize,
+        /// Vocabulary size (0 = 65 for char presets, 50257 for gpt2-124m).
+        #[arg(long, default_value_t = 0)]
+        vocab: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Compute threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn run(cli: Cli) -> Result<(), BoxError> {
+    match cli.command {
+        Command::Train { config, overrides } => {
+            let cfg = Config::load(config.as_deref(), &overrides)?;
+            run_training(&cfg)?;
+        }
+        Command::Prepare { inputs, out, tokenizer, val_fraction } => {
+            let spec = match tokenizer.as_str() {
+                "char" => datasets::TokenizerSpec::Char,
+                path => datasets::TokenizerSpec::HuggingFace(PathBuf::from(path)),
+            };
+            let summary = datasets::prepare(&inputs, &out, spec, val_fraction)?;
+            let m = &summary.meta;
+            println!(
+                "prepared {}: vocab {}, {} train tokens, {} val tokens from {} files",
+                summary.out_dir.display(),
+                m.vocab_size,
+                m.train_tokens,
+                m.val_tokens,
+                m.sources.len()
+            );
+        }
+        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
+            let cfg = SampleConfig { prompt: prompt.clone(), max_new_tokens, temperature, top_k };
+            if temperature < 0.0 {
+                return Err("--temperature must be >= 0 (0 = greedy)".into());
+            }
+            let text = run_sample(&model, &cfg, seed)?;
+            println!("{prompt}{text}");
+        }
+        Command::Bench { model, batch, seq_len, vocab, steps, warmup, threads } => {
+            set_threads(threads);
+            if steps == 0 {
+                return Err("--steps must be at least 1".into());
+            }
+            let opts = BenchOptions { preset: model, batch, seq_len, vocab, steps, warmup };
+            let result = run_bench(&opts)?;
+            println!("{}", format_table(&opts, &result));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

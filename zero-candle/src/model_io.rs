@@ -1,0 +1,129 @@
+//! The model folder written at the end of training and read by `zero-candle sample`:
+//! `model.safetensors` (f32, Hugging Face GPT-2 names and layouts, metadata {"format": "pt"}),
+//! `config.json` (Hugging Face GPT2Config keys) and the tokenizer file. Written into a temporary
+//! folder and renamed, so an interrupted save never leaves a half-written model under the name.
+//! (Sharded training checkpoints are a separate format: see docs/ARCHITECTURE.md.)
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use datasets::{Tokenizer, TokenizerKind};
+use models::Gpt2Config;
+use safetensors::{Dtype, SafeTensors};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const WEIGHTS_FILE: &str = "model.safetensors";
+const CONFIG_FILE: &str = "config.json";
+
+/// The Hugging Face `config.json` of a GPT-2.
+fn hf_config_json(cfg: &Gpt2Config) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context,
+        "n_ctx": cfg.context,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+    })
+}
+
+/// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`.
+pub fn save_model_folder(dir: &Path, cfg: &Gpt2Config, params: &[(&str, &[usize], &[f32])], tokenizer: &Tokenizer) -> Result<(), BoxError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let name = dir.file_name().ok_or_else(|| format!("{} is not a folder name", dir.display()))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| format!("cannot clear {}: {e}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
+        .iter()
+        .map(|(n, shape, values)| (n.to_string(), shape.to_vec(), values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &tmp.join(WEIGHTS_FILE))
+        .map_err(|e| format!("cannot write {}: {e}", tmp.join(WEIGHTS_FILE).display()))?;
+    let config = serde_json::to_string_pretty(&hf_config_json(cfg))?;
+    std::fs::write(tmp.join(CONFIG_FILE), config).map_err(|e| format!("cannot write {}: {e}", tmp.join(CONFIG_FILE).display()))?;
+    tokenizer.save(&tmp)?;
+
+    // Replace the previous folder only once the new one is complete.
+    if dir.exists() {
+        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| format!("cannot move the previous {} aside: {e}", dir.display()))?;
+        std::fs::rename(&tmp, dir).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), dir.display()))?;
+        std::fs::remove_dir_all(&old).map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A model folder read back: config, parameters by name (f32) and tokenizer.
+pub struct LoadedModel {
+    pub config: Gpt2Config,
+    pub params: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub tokenizer: Tokenizer,
+}
+
+fn json_usize(v: &serde_json::Value, key: &str, file: &Path) -> Result<usize, BoxError> {
+    v.get(key)
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize)
+        .ok_or_else(|| format!("{}: missing or invalid integer key {key:?}", file.display()).into())
+}
+
+pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| format!("cannot read {} ({e}); expected a model folder written by `zero-candle train`", config_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", config_path.display()))?;
+    if v.get("model_type").and_then(|m| m.as_str()) != Some("gpt2") {
+        return Err(format!("{}: model_type must be \"gpt2\"", config_path.display()).into());
+    }
+    let config = Gpt2Config {
+        vocab_size: json_usize(&v, "vocab_size", &config_path)?,
+        context: json_usize(&v, "n_positions", &config_path)?,
+        n_layer: json_usize(&v, "n_layer", &config_path)?,
+        n_head: json_usize(&v, "n_head", &config_path)?,
+        n_embd: json_usize(&v, "n_embd", &config_path)?,
+        layer_norm_eps: v.get("layer_norm_epsilon").and_then(|x| x.as_f64()).unwrap_or(1e-5),
+    };
+
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&weights_path).map_err(|e| format!("cannot read {}: {e}", weights_path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a valid safetensors file: {e}", weights_path.display()))?;
+    let mut params = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(format!("{}: tensor {name} is {:?}; expected F32", weights_path.display(), view.dtype()).into());
+        }
+        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        params.insert(name, (view.shape().to_vec(), values));
+    }
+    let kind = if dir.join(TokenizerKind::HuggingFace.file_name()).is_file() { TokenizerKind::HuggingFace } else { TokenizerKind::Char };
+    let tokenizer = Tokenizer::load(dir, kind)?;
+    Ok(LoadedModel { config, params, tokenizer })
+}
+
+/// The default model folder of a run.
+pub fn model_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("model")
+}

@@ -1,0 +1,84 @@
+//! Text generation from a trained engine: temperature and top-k sampling (temperature 0 = greedy),
+//! re-running the cropped context for each new token. There is no KV cache yet, so generation is
+//! quadratic in its length; it is meant for the short samples printed after training.
+
+use candle_core::{DType, Device, Result, Tensor};
+use models::BlockModel;
+
+use crate::engine::Engine;
+use crate::rng::SplitMix64;
+
+/// Pick a token from `logits` (one row, f32) with `temperature` and `top_k` (0 = all).
+pub fn pick_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+    let argmax = || logits.iter().enumerate().fold(0usize, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
+    if temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.next_f64() * total;
+    for (&i, w) in order.iter().zip(&weights) {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    order[order.len() - 1] as u32
+}
+
+/// Continue `prompt` (token ids) by `max_new_tokens`, keeping at most `context` tokens as input.
+pub fn generate<M: BlockModel>(
+    engine: &Engine<M>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    context: usize,
+    temperature: f64,
+    top_k: usize,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        candle_core::bail!("generate: the prompt encodes to no tokens; give a non-empty prompt");
+    }
+    let mut rng = SplitMix64::new(seed);
+    let mut tokens = prompt.to_vec();
+    for _ in 0..max_new_tokens {
+        let start = tokens.len().saturating_sub(context);
+        let window = &tokens[start..];
+        let ids = Tensor::from_slice(window, (1, window.len()), &engine.device)?;
+        let logits = engine.logits(&ids)?; // (1, T, V)
+        let last = logits.get(0)?.get(window.len() - 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        tokens.push(pick_token(&last, temperature, top_k, &mut rng));
+    }
+    Ok(tokens[prompt.len()..].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_argmax_and_top1_is_greedy() {
+        let mut rng = SplitMix64::new(1);
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        assert_eq!(pick_token(&logits, 0.0, 0, &mut rng), 1);
+        for _ in 0..20 {
+            assert_eq!(pick_token(&logits, 1.0, 1, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let mut rng = SplitMix64::new(7);
+        let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
+        let n = 20_000;
+        let ones = (0..n).filter(|_| pick_token(&logits, 1.0, 0, &mut rng) == 1).count();
+        let p = ones as f64 / n as f64;
+        assert!((p - 0.75).abs() < 0.02, "sampled frequency {p}");
+    }
+}
