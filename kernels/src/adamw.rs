@@ -32,7 +32,13 @@ pub struct AdamWHyper {
 
 impl Default for AdamWHyper {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -52,7 +58,11 @@ fn step_scalars(hp: &AdamWHyper, step: u64, op: &str) -> Result<StepScalars> {
     let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
     let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
     if !(bc1 > 0.0 && bc2 > 0.0) {
-        bail!("{op}: beta1 {} and beta2 {} must be in [0, 1)", hp.beta1, hp.beta2);
+        bail!(
+            "{op}: beta1 {} and beta2 {} must be in [0, 1)",
+            hp.beta1,
+            hp.beta2
+        );
     }
     Ok(StepScalars {
         decay: (1.0 - hp.lr as f64 * hp.weight_decay as f64) as f32,
@@ -117,9 +127,18 @@ pub fn adamw_step_reference(
     step: u64,
     grad_scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    for (name, t) in [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+    for (name, t) in [
+        ("param", param),
+        ("grad", grad),
+        ("exp_avg", exp_avg),
+        ("exp_avg_sq", exp_avg_sq),
+    ] {
         if t.rank() != 1 || t.dtype() != DType::F32 {
-            bail!("adamw_step_reference: {name} must be a 1-D f32 tensor, got {:?} {:?}", t.dtype(), t.dims());
+            bail!(
+                "adamw_step_reference: {name} must be a 1-D f32 tensor, got {:?} {:?}",
+                t.dtype(),
+                t.dims()
+            );
         }
     }
     let n = param.elem_count();
@@ -143,6 +162,8 @@ pub fn adamw_step_reference(
     let m = (exp_avg.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
     let v = (exp_avg_sq.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
     let denom = (v.sqrt()? / bias_correction2.sqrt())?.affine(1.0, hp.eps as f64)?;
-    let update = m.div(&denom)?.affine(hp.lr as f64 / bias_correction1, 0.0)?;
+    let update = m
+        .div(&denom)?
+        .affine(hp.lr as f64 / bias_correction1, 0.0)?;
     Ok(((decayed - update)?, m, v))
 }

@@ -30,9 +30,18 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// The spec: LayerNorm from candle primitives, computed in f32 (f64 for f64 inputs, so that it can be
 /// checked against finite differences) and cast back to `x`'s dtype.
-pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     check_args(x, weight, bias)?;
-    let compute = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let compute = if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let xf = x.to_dtype(compute)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
     let centered = xf.broadcast_sub(&mean)?;
@@ -46,9 +55,14 @@ pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
 }
 
 fn check_args(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
-    let Some(&c) = x.dims().last() else { bail!("layer_norm: x must have at least one dimension, got a scalar") };
+    let Some(&c) = x.dims().last() else {
+        bail!("layer_norm: x must have at least one dimension, got a scalar")
+    };
     if c == 0 {
-        bail!("layer_norm: the normalized (last) dimension of x is empty, x shape {:?}", x.dims());
+        bail!(
+            "layer_norm: the normalized (last) dimension of x is empty, x shape {:?}",
+            x.dims()
+        );
     }
     if weight.dims() != [c] || bias.dims() != [c] {
         bail!(
@@ -89,7 +103,12 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let c = *xl.dims().last().unwrap_or(&0);
         if c == 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            bail!("layer_norm: x {:?}, weight {:?} and bias {:?} do not agree on C", xl.dims(), wl.dims(), bl.dims());
+            bail!(
+                "layer_norm: x {:?}, weight {:?} and bias {:?} do not agree on C",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            );
         }
         let op = "layer_norm";
         let eps = self.eps;
@@ -137,7 +156,10 @@ impl CustomOp3 for LayerNorm {
             let (ws, wl) = weight.storage_and_layout();
             let (gs, gl) = grad.storage_and_layout();
             let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
-                bail!("layer_norm backward: only CPU tensors are supported, x is on {:?}", x.device().location())
+                bail!(
+                    "layer_norm backward: only CPU tensors are supported, x is on {:?}",
+                    x.device().location()
+                )
             };
             let op = "layer_norm backward";
             let eps = self.eps;
@@ -167,15 +189,25 @@ impl CustomOp3 for LayerNorm {
                     xs.dtype(), ws.dtype(), gs.dtype()),
             }
         };
-        Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db.reshape(bias.shape())?)))
+        Ok((
+            Some(dx.reshape(x.shape())?),
+            Some(dw),
+            Some(db.reshape(bias.shape())?),
+        ))
     }
 }
 
 /// Wrap the backward kernel's vectors as flat CPU tensors.
-fn to_tensors<T: KernelFloat>((dx, dw, db): (Vec<T>, Vec<T>, Vec<T>)) -> Result<(Tensor, Tensor, Tensor)> {
+fn to_tensors<T: KernelFloat>(
+    (dx, dw, db): (Vec<T>, Vec<T>, Vec<T>),
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = candle_core::Device::Cpu;
     let (n, c) = (dx.len(), dw.len());
-    Ok((Tensor::from_vec(dx, n, &dev)?, Tensor::from_vec(dw, c, &dev)?, Tensor::from_vec(db, c, &dev)?))
+    Ok((
+        Tensor::from_vec(dx, n, &dev)?,
+        Tensor::from_vec(dw, c, &dev)?,
+        Tensor::from_vec(db, c, &dev)?,
+    ))
 }
 
 /// Rows per rayon task (at least one).
@@ -220,22 +252,30 @@ fn forward<T: KernelFloat>(x: &[T], w: &[T], b: &[T], c: usize, eps: f32) -> Vec
     let b: Vec<f32> = b.iter().map(|v| v.widen()).collect();
     let mut y = vec![T::narrow(0.0); x.len()];
     let chunk = rows_per_task(c) * c;
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
-        let mut xr = vec![0f32; c];
-        for (yr, xrow) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-            let (mean, rstd) = load_row_stats(xrow, &mut xr, eps);
-            for (((o, &v), &wi), &bi) in yr.iter_mut().zip(&xr).zip(&w).zip(&b) {
-                *o = T::narrow((v - mean) * rstd * wi + bi);
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(y, x)| {
+            let mut xr = vec![0f32; c];
+            for (yr, xrow) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let (mean, rstd) = load_row_stats(xrow, &mut xr, eps);
+                for (((o, &v), &wi), &bi) in yr.iter_mut().zip(&xr).zip(&w).zip(&b) {
+                    *o = T::narrow((v - mean) * rstd * wi + bi);
+                }
             }
-        }
-    });
+        });
     y
 }
 
 /// Returns (dx, dweight, dbias). With xhat = (x - mean) * rstd and dxhat = dy * w:
 /// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)); dw = sum_rows dy * xhat;
 /// db = sum_rows dy. dw/db are summed per task, then the partials are added in task order.
-fn backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], c: usize, eps: f32) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: KernelFloat>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    c: usize,
+    eps: f32,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let w: Vec<f32> = w.iter().map(|v| v.widen()).collect();
     let mut dx = vec![T::narrow(0.0); x.len()];
     let chunk = rows_per_task(c) * c;
@@ -250,11 +290,20 @@ fn backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], c: usize, eps: f32) -> (
             // Row scratch: x, then xhat in place; dxhat.
             let mut xr = vec![0f32; c];
             let mut dh = vec![0f32; c];
-            for ((dxr, xrow), dyrow) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
+            for ((dxr, xrow), dyrow) in dx
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(dy.chunks_exact(c))
+            {
                 let (mean, rstd) = load_row_stats(xrow, &mut xr, eps);
                 // Elementwise (vectorizable) pass: xhat, dxhat and the dweight/dbias contributions.
-                for (((((xh, d), &g), &wi), dwi), dbi) in
-                    xr.iter_mut().zip(dh.iter_mut()).zip(dyrow).zip(&w).zip(dw.iter_mut()).zip(db.iter_mut())
+                for (((((xh, d), &g), &wi), dwi), dbi) in xr
+                    .iter_mut()
+                    .zip(dh.iter_mut())
+                    .zip(dyrow)
+                    .zip(&w)
+                    .zip(dw.iter_mut())
+                    .zip(db.iter_mut())
                 {
                     let g = g.widen();
                     *xh = (*xh - mean) * rstd;

@@ -4,7 +4,9 @@
 //! one), a strided input, and an ignored timing.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use kernels::testing::{assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{
+    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+};
 use kernels::{gelu, gelu_reference};
 
 /// Reproducible uniform values in [-scale, scale) (splitmix64; candle's CPU rng cannot be seeded).
@@ -34,12 +36,22 @@ fn forward_and_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor, g: &Tenso
 
 /// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]].iter().enumerate() {
+    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
+        .iter()
+        .enumerate()
+    {
         // Range +-6 covers both saturated tails and the curved middle.
-        let x = pseudo_random(dims, 10 * i as u64, 6.0).to_dtype(dtype).unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0).to_dtype(dtype).unwrap();
+        let x = pseudo_random(dims, 10 * i as u64, 6.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
+            .to_dtype(dtype)
+            .unwrap();
         let fast = forward_and_grad(&gelu, &x, &g);
-        let (x32, g32) = (x.to_dtype(DType::F32).unwrap(), g.to_dtype(DType::F32).unwrap());
+        let (x32, g32) = (
+            x.to_dtype(DType::F32).unwrap(),
+            g.to_dtype(DType::F32).unwrap(),
+        );
         let reference = forward_and_grad(&gelu_reference, &x32, &g32);
         for (name, (a, e)) in ["y", "dx"].iter().zip(fast.iter().zip(&reference)) {
             assert_eq!(a.dtype(), dtype, "{name} dtype");
@@ -64,11 +76,30 @@ fn gelu_reference_matches_known_values() {
     ];
     let x = Tensor::new(&xs, &Device::Cpu).unwrap();
     let e = Tensor::new(&expected, &Device::Cpu).unwrap();
-    let tight = Tolerance { rtol: 1e-12, atol: 1e-14 };
-    assert_close(&gelu_reference(&x).unwrap(), &e, tight, "gelu_reference f64");
-    let (x32, e32) = (x.to_dtype(DType::F32).unwrap(), e.to_dtype(DType::F32).unwrap());
-    let f32_tol = Tolerance { rtol: 1e-6, atol: 1e-7 };
-    assert_close(&gelu_reference(&x32).unwrap(), &e32, f32_tol, "gelu_reference f32");
+    let tight = Tolerance {
+        rtol: 1e-12,
+        atol: 1e-14,
+    };
+    assert_close(
+        &gelu_reference(&x).unwrap(),
+        &e,
+        tight,
+        "gelu_reference f64",
+    );
+    let (x32, e32) = (
+        x.to_dtype(DType::F32).unwrap(),
+        e.to_dtype(DType::F32).unwrap(),
+    );
+    let f32_tol = Tolerance {
+        rtol: 1e-6,
+        atol: 1e-7,
+    };
+    assert_close(
+        &gelu_reference(&x32).unwrap(),
+        &e32,
+        f32_tol,
+        "gelu_reference f32",
+    );
     assert_close(&gelu(&x32).unwrap(), &e32, f32_tol, "gelu f32");
 }
 
@@ -77,11 +108,22 @@ fn gelu_reference_gradient_matches_finite_differences() {
     let x = pseudo_random(&[3, 5], 1, 3.0);
     let g = pseudo_random(&[3, 5], 2, 1.0);
     let [_, analytic] = forward_and_grad(&gelu_reference, &x, &g);
-    let fd = finite_difference_grad(&x, 1e-5, |x| gelu_reference(x)?.mul(&g)?.sum_all()?.to_scalar::<f64>()).unwrap();
-    let tol = Tolerance { rtol: 1e-6, atol: 1e-8 };
+    let fd = finite_difference_grad(&x, 1e-5, |x| {
+        gelu_reference(x)?.mul(&g)?.sum_all()?.to_scalar::<f64>()
+    })
+    .unwrap();
+    let tol = Tolerance {
+        rtol: 1e-6,
+        atol: 1e-8,
+    };
     assert_close(&analytic, &fd, tol, "gelu dx vs finite differences");
     // The check must be able to fail: a gradient off by 0.1% is rejected.
-    assert!(closeness(&analytic.affine(1.001, 0.0).unwrap(), &fd, tol).unwrap().0 > 1.0);
+    assert!(
+        closeness(&analytic.affine(1.001, 0.0).unwrap(), &fd, tol)
+            .unwrap()
+            .0
+            > 1.0
+    );
 }
 
 #[test]
@@ -101,13 +143,29 @@ fn gelu_forward_and_gradient_match_reference_f16() {
 
 #[test]
 fn gelu_accepts_strided_input() {
-    let x = pseudo_random(&[77, 37], 3, 4.0).to_dtype(DType::F32).unwrap();
-    let g = pseudo_random(&[37, 77], 4, 1.0).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[77, 37], 3, 4.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let g = pseudo_random(&[37, 77], 4, 1.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let fast = forward_and_grad(&|x: &Tensor| gelu(&x.t()?), &x, &g);
     let reference = forward_and_grad(&|x: &Tensor| gelu_reference(&x.t()?), &x, &g);
     assert_eq!(fast[1].dims(), [77, 37]);
     assert_close(&fast[0], &reference[0], F32_TOL, "strided gelu y");
     assert_close(&fast[1], &reference[1], F32_TOL, "strided gelu dx");
+}
+
+#[test]
+fn gelu_saturates_without_nan_for_large_inputs() {
+    // The kernel's exp is clamped: far tails must give exactly x (or 0) and slope 1 (or 0).
+    let x = Tensor::new(&[-1e4f32, -50.0, -12.0, 12.0, 50.0, 1e4], &Device::Cpu).unwrap();
+    let g = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
+    let [y, dx] = forward_and_grad(&gelu, &x, &g);
+    let expected_y = Tensor::new(&[0f32, 0.0, 0.0, 12.0, 50.0, 1e4], &Device::Cpu).unwrap();
+    let expected_dx = Tensor::new(&[0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
+    assert_close(&y, &expected_y, F32_TOL, "gelu tails");
+    assert_close(&dx, &expected_dx, F32_TOL, "gelu slope in the tails");
 }
 
 #[test]

@@ -30,8 +30,18 @@ fn pseudo_random(shape: &[usize], seed: u64, scale: f64, offset: f64) -> Tensor 
 type LnFn = fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>;
 
 /// Output and (dx, dweight, dbias) of `sum(f(x, w, b) * g)`, with x, w, b as Vars.
-fn forward_and_grads(f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>, x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor) -> [Tensor; 4] {
-    let (xv, wv, bv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap(), Var::from_tensor(b).unwrap());
+fn forward_and_grads(
+    f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+) -> [Tensor; 4] {
+    let (xv, wv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(w).unwrap(),
+        Var::from_tensor(b).unwrap(),
+    );
     let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), EPS).unwrap();
     let grads = y.mul(g).unwrap().sum_all().unwrap().backward().unwrap();
     let get = |v: &Var| grads.get(v).expect("missing gradient").clone();
@@ -52,12 +62,24 @@ fn inputs(dims: &[usize], seed: u64, dtype: DType) -> [Tensor; 4] {
 
 /// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![301, 129], vec![1, 1]].iter().enumerate() {
+    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![301, 129], vec![1, 1]]
+        .iter()
+        .enumerate()
+    {
         let ins = inputs(dims, 10 * i as u64, dtype);
         let fast = forward_and_grads(&layer_norm, &ins[0], &ins[1], &ins[2], &ins[3]);
         let f32_ins = ins.clone().map(|t| t.to_dtype(DType::F32).unwrap());
-        let reference = forward_and_grads(&layer_norm_reference, &f32_ins[0], &f32_ins[1], &f32_ins[2], &f32_ins[3]);
-        for (name, (a, e)) in ["y", "dx", "dweight", "dbias"].iter().zip(fast.iter().zip(&reference)) {
+        let reference = forward_and_grads(
+            &layer_norm_reference,
+            &f32_ins[0],
+            &f32_ins[1],
+            &f32_ins[2],
+            &f32_ins[3],
+        );
+        for (name, (a, e)) in ["y", "dx", "dweight", "dbias"]
+            .iter()
+            .zip(fast.iter().zip(&reference))
+        {
             assert_eq!(a.dtype(), dtype, "{name} dtype");
             assert_close(a, e, tol, &format!("layer_norm {name} {dtype:?} {dims:?}"));
         }
@@ -72,10 +94,24 @@ fn layer_norm_reference_matches_hand_computed_values() {
     let b = Tensor::new(&[0f32, 0., 0., 10.], &Device::Cpu).unwrap();
     let eps = 0.75; // large, so that forgetting it (or putting it outside the sqrt) shows
     let rstd = 1.0 / (1.25f32 + 0.75).sqrt();
-    let expected = Tensor::new(&[[-1.5 * rstd, -0.5 * rstd * 2.0, 0.5 * rstd, 1.5 * rstd + 10.0]], &Device::Cpu).unwrap();
+    let expected = Tensor::new(
+        &[[
+            -1.5 * rstd,
+            -0.5 * rstd * 2.0,
+            0.5 * rstd,
+            1.5 * rstd + 10.0,
+        ]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let got = layer_norm_reference(&x, &w, &b, eps).unwrap();
     assert_close(&got, &expected, F32_TOL, "layer_norm_reference");
-    assert_close(&layer_norm(&x, &w, &b, eps).unwrap(), &expected, F32_TOL, "layer_norm");
+    assert_close(
+        &layer_norm(&x, &w, &b, eps).unwrap(),
+        &expected,
+        F32_TOL,
+        "layer_norm",
+    );
 }
 
 #[test]
@@ -83,9 +119,15 @@ fn layer_norm_reference_gradients_match_finite_differences() {
     let [x, w, b, g] = inputs(&[3, 5], 1, DType::F64);
     let analytic = forward_and_grads(&layer_norm_reference, &x, &w, &b, &g);
     let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
-        layer_norm_reference(x, w, b, EPS)?.mul(&g)?.sum_all()?.to_scalar::<f64>()
+        layer_norm_reference(x, w, b, EPS)?
+            .mul(&g)?
+            .sum_all()?
+            .to_scalar::<f64>()
     };
-    let tol = Tolerance { rtol: 1e-5, atol: 1e-7 };
+    let tol = Tolerance {
+        rtol: 1e-5,
+        atol: 1e-7,
+    };
     let fd_x = finite_difference_grad(&x, 1e-5, |x| loss(x, &w, &b)).unwrap();
     let fd_w = finite_difference_grad(&w, 1e-5, |w| loss(&x, w, &b)).unwrap();
     let fd_b = finite_difference_grad(&b, 1e-5, |b| loss(&x, &w, b)).unwrap();
@@ -115,13 +157,18 @@ fn layer_norm_forward_and_gradients_match_reference_f16() {
 #[test]
 fn layer_norm_accepts_strided_input() {
     // A transposed view is copied (differentiably) before the kernel; gradients land on the Var.
-    let x = pseudo_random(&[77, 37], 7, 2.0, 0.7).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[77, 37], 7, 2.0, 0.7)
+        .to_dtype(DType::F32)
+        .unwrap();
     let [_, w, b, g] = inputs(&[37, 77], 8, DType::F32);
     let via_t = |f: LnFn| move |x: &Tensor, w: &Tensor, b: &Tensor, eps: f64| f(&x.t()?, w, b, eps);
     let fast = forward_and_grads(&via_t(layer_norm), &x, &w, &b, &g);
     let reference = forward_and_grads(&via_t(layer_norm_reference), &x, &w, &b, &g);
     assert_eq!(fast[1].dims(), [77, 37]);
-    for (name, (a, e)) in ["y", "dx", "dweight", "dbias"].iter().zip(fast.iter().zip(&reference)) {
+    for (name, (a, e)) in ["y", "dx", "dweight", "dbias"]
+        .iter()
+        .zip(fast.iter().zip(&reference))
+    {
         assert_close(a, e, F32_TOL, &format!("strided layer_norm {name}"));
     }
 }
@@ -131,12 +178,22 @@ fn layer_norm_rejects_mismatched_shapes_and_dtypes() {
     let [x, w, b, _] = inputs(&[4, 6], 3, DType::F32);
     let short = w.narrow(0, 0, 5).unwrap();
     let err = layer_norm(&x, &short, &b, EPS).unwrap_err().to_string();
-    assert!(err.contains("layer_norm") && err.contains("[5]") && err.contains("[4, 6]"), "{err}");
-    let err = layer_norm(&x, &w.to_dtype(DType::BF16).unwrap(), &b, EPS).unwrap_err().to_string();
-    assert!(err.contains("dtype") && err.contains("BF16"), "{err}");
-    let err = layer_norm(&x.to_dtype(DType::F64).unwrap(), &w.to_dtype(DType::F64).unwrap(), &b.to_dtype(DType::F64).unwrap(), EPS)
+    assert!(
+        err.contains("layer_norm") && err.contains("[5]") && err.contains("[4, 6]"),
+        "{err}"
+    );
+    let err = layer_norm(&x, &w.to_dtype(DType::BF16).unwrap(), &b, EPS)
         .unwrap_err()
         .to_string();
+    assert!(err.contains("dtype") && err.contains("BF16"), "{err}");
+    let err = layer_norm(
+        &x.to_dtype(DType::F64).unwrap(),
+        &w.to_dtype(DType::F64).unwrap(),
+        &b.to_dtype(DType::F64).unwrap(),
+        EPS,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("F64"), "{err}");
 }
 
@@ -147,7 +204,11 @@ fn layer_norm_speed_vs_reference() {
     let [x, w, b, g] = inputs(&[12 * 256, 384], 5, DType::F32);
     // x * w + b: two cheap candle ops, to show what the Var/loss/backward harness costs by itself.
     let floor: LnFn = |x, w, b, _| x.broadcast_mul(w)?.broadcast_add(b);
-    for (name, f) in [("fused", layer_norm as LnFn), ("reference", layer_norm_reference as LnFn), ("x*w+b floor", floor)] {
+    for (name, f) in [
+        ("fused", layer_norm as LnFn),
+        ("reference", layer_norm_reference as LnFn),
+        ("x*w+b floor", floor),
+    ] {
         forward_and_grads(&f, &x, &w, &b, &g); // warm-up
         let iters = 20;
         let start = std::time::Instant::now();
