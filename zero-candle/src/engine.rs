@@ -151,6 +151,17 @@ impl<M: BlockModel> Engine<M> {
     /// Forward and backward over `micro_batches`, accumulating gradients normalized by the step's
     /// total number of target tokens; then clip and apply AdamW with learning rate `lr`.
     pub fn train_step(&mut self, micro_batches: &[MicroBatch], lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<StepStats> {
+        let mut stats = self.compute_gradients(micro_batches)?;
+        let t0 = Instant::now();
+        self.apply_update(&stats, lr, hyper, grad_clip)?;
+        stats.optimizer_s = t0.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// Zero the gradients, then run forward and backward over every micro-batch. The loss of each
+    /// is divided by the step's total target count, so the accumulated gradient is that of the
+    /// mean loss over the whole step. Returns the loss, token count, gradient norm and timings.
+    pub fn compute_gradients(&mut self, micro_batches: &[MicroBatch]) -> Result<StepStats> {
         let mut stats = StepStats::default();
         let tokens: usize = micro_batches.iter().map(|m| m.targets.elem_count()).sum();
         if tokens == 0 {
@@ -163,12 +174,21 @@ impl<M: BlockModel> Engine<M> {
         for micro in micro_batches {
             stats.loss += self.forward_backward(micro, tokens as f64, &mut stats)?;
         }
-
-        let t0 = Instant::now();
         let sum_sq: f64 = self.units.iter().flat_map(|u| u.grad.iter()).map(|&g| (g as f64) * (g as f64)).sum();
         stats.grad_norm = sum_sq.sqrt();
+        Ok(stats)
+    }
+
+    /// Clip by the global norm in `stats` and apply one AdamW step to every unit's master
+    /// weights (weight decay on 2-D parameters only), then refresh the compute-dtype parameters.
+    pub fn apply_update(&mut self, stats: &StepStats, lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<()> {
         if !stats.grad_norm.is_finite() {
-            bail!("step {}: the gradient norm is {} (loss {}); lower train.lr or check the data", self.step + 1, stats.grad_norm, stats.loss);
+            bail!(
+                "step {}: the gradient norm is {} (loss {}); lower train.lr or check the data",
+                self.step + 1,
+                stats.grad_norm,
+                stats.loss
+            );
         }
         let clip_scale = if grad_clip > 0.0 && stats.grad_norm > grad_clip { grad_clip / (stats.grad_norm + 1e-6) } else { 1.0 };
         self.step += 1;
@@ -188,8 +208,14 @@ impl<M: BlockModel> Engine<M> {
             }
             unit.refresh_params(self.compute_dtype, &self.device)?;
         }
-        stats.optimizer_s = t0.elapsed().as_secs_f64();
-        Ok(stats)
+        Ok(())
+    }
+
+    /// The accumulated gradient of parameter `name` (after `compute_gradients`).
+    pub fn gradient(&self, name: &str) -> Option<&[f32]> {
+        self.units
+            .iter()
+            .find_map(|u| u.layout.params.iter().find(|s| s.name == name).map(|s| &u.grad[s.range()]))
     }
 
     /// One micro-batch: returns its loss contribution (summed over its tokens / `divisor`).
