@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use zero_candle::bench::{format_table, run_bench, BenchOptions};
 use zero_candle::config::{Config, SampleConfig};
-use zero_candle::train::{run_sample, run_training, set_threads, BoxError};
+use zero_candle::cpu::init_compute_threads;
+use zero_candle::train::{run_sample, run_training, BoxError};
 
 #[derive(Parser)]
 #[command(name = "zero-candle", version, about = "Train GPT models on candle with ZeRO-style sharding")]
@@ -105,6 +106,7 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             );
         }
         Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
+            init_compute_threads(0);
             let cfg = SampleConfig { prompt: prompt.clone(), max_new_tokens, temperature, top_k };
             if temperature < 0.0 {
                 return Err("--temperature must be >= 0 (0 = greedy)".into());
@@ -113,7 +115,7 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             println!("{prompt}{text}");
         }
         Command::Bench { model, batch, seq_len, vocab, steps, warmup, threads } => {
-            set_threads(threads);
+            init_compute_threads(threads);
             if steps == 0 {
                 return Err("--steps must be at least 1".into());
             }

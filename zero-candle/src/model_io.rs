@@ -16,8 +16,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const WEIGHTS_FILE: &str = "model.safetensors";
 const CONFIG_FILE: &str = "config.json";
 
-/// The Hugging Face `config.json` of a GPT-2.
-fn hf_config_json(cfg: &Gpt2Config) -> serde_json::Value {
+/// The Hugging Face `config.json` of a GPT-2, plus `train_seq_len`: the window the model was
+/// trained on (positions beyond it are untrained, so sampling keeps its input within it;
+/// transformers keeps unknown keys as plain attributes).
+fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize) -> serde_json::Value {
     serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -35,11 +37,16 @@ fn hf_config_json(cfg: &Gpt2Config) -> serde_json::Value {
         "attn_pdrop": 0.0,
         "tie_word_embeddings": true,
         "torch_dtype": "float32",
+        "train_seq_len": train_seq_len,
     })
 }
 
 /// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`.
-pub fn save_model_folder(dir: &Path, cfg: &Gpt2Config, params: &[(&str, &[usize], &[f32])], tokenizer: &Tokenizer) -> Result<(), BoxError> {
+pub fn save_model_folder(
+    dir: &Path,
+    cfg: &Gpt2Config,
+    train_seq_len: usize,
+    params: &[(&str, &[usize], &[f32])], tokenizer: &Tokenizer) -> Result<(), BoxError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     let name = dir.file_name().ok_or_else(|| format!("{} is not a folder name", dir.display()))?;
@@ -60,7 +67,7 @@ pub fn save_model_folder(dir: &Path, cfg: &Gpt2Config, params: &[(&str, &[usize]
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), &tmp.join(WEIGHTS_FILE))
         .map_err(|e| format!("cannot write {}: {e}", tmp.join(WEIGHTS_FILE).display()))?;
-    let config = serde_json::to_string_pretty(&hf_config_json(cfg))?;
+    let config = serde_json::to_string_pretty(&hf_config_json(cfg, train_seq_len))?;
     std::fs::write(tmp.join(CONFIG_FILE), config).map_err(|e| format!("cannot write {}: {e}", tmp.join(CONFIG_FILE).display()))?;
     tokenizer.save(&tmp)?;
 
@@ -79,6 +86,8 @@ pub fn save_model_folder(dir: &Path, cfg: &Gpt2Config, params: &[(&str, &[usize]
 /// A model folder read back: config, parameters by name (f32) and tokenizer.
 pub struct LoadedModel {
     pub config: Gpt2Config,
+    /// Longest input the model was trained on (`n_positions` when not recorded).
+    pub train_seq_len: usize,
     pub params: HashMap<String, (Vec<usize>, Vec<f32>)>,
     pub tokenizer: Tokenizer,
 }
@@ -107,6 +116,7 @@ pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
         layer_norm_eps: v.get("layer_norm_epsilon").and_then(|x| x.as_f64()).unwrap_or(1e-5),
     };
 
+    let train_seq_len = v.get("train_seq_len").and_then(|x| x.as_u64()).map_or(config.context, |x| x as usize);
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&weights_path).map_err(|e| format!("cannot read {}: {e}", weights_path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a valid safetensors file: {e}", weights_path.display()))?;
@@ -120,7 +130,7 @@ pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
     }
     let kind = if dir.join(TokenizerKind::HuggingFace.file_name()).is_file() { TokenizerKind::HuggingFace } else { TokenizerKind::Char };
     let tokenizer = Tokenizer::load(dir, kind)?;
-    Ok(LoadedModel { config, params, tokenizer })
+    Ok(LoadedModel { config, train_seq_len, params, tokenizer })
 }
 
 /// The default model folder of a run.

@@ -41,14 +41,6 @@ pub fn resolve_model_config(cfg: &ModelConfig, vocab_size: usize) -> Result<Gpt2
     Ok(m)
 }
 
-/// Use rayon with `threads` workers (0 = one per core). candle's CPU kernels read the same pool.
-pub fn set_threads(threads: usize) {
-    if threads > 0 {
-        // Ignored when the global pool already exists (a second run in the same process).
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    }
-}
-
 /// The prepared dataset folder of a run: `data.prepared_dir`, or `data.sources` tokenized into
 /// `<out_dir>/data` now (a character vocabulary over ~1 MB takes well under a second).
 fn prepared_data(cfg: &Config) -> Result<PathBuf, BoxError> {
@@ -79,7 +71,7 @@ fn log_line(bar: &ProgressBar, line: String) {
 }
 
 pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
-    set_threads(cfg.train.threads);
+    crate::cpu::init_compute_threads(cfg.train.threads);
     let t = &cfg.train;
     let out_dir = &t.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
@@ -181,8 +173,8 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     let tokens_per_s = tokens_seen as f64 / elapsed_s;
 
     let model_dir = model_io::model_dir(out_dir);
-    model_io::save_model_folder(&model_dir, &model_cfg, &engine.named_parameters(), data.tokenizer())?;
-    let sample = sample_text(&engine, data.tokenizer(), &cfg.sample, model_cfg.context, t.seed)?;
+    model_io::save_model_folder(&model_dir, &model_cfg, seq_len, &engine.named_parameters(), data.tokenizer())?;
+    let sample = sample_text(&engine, data.tokenizer(), &cfg.sample, seq_len, t.seed)?;
     metrics.write(serde_json::json!({
         "event": "end", "steps": t.max_steps, "loss": last_loss, "val_loss": val_loss,
         "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s, "model_dir": model_dir,
@@ -197,16 +189,16 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     Ok(RunSummary { steps: t.max_steps, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir })
 }
 
-/// Generate a continuation of `cfg.prompt` and decode it.
+/// Generate a continuation of `cfg.prompt` and decode it, feeding at most `window` tokens.
 pub fn sample_text(
     engine: &Engine<Gpt2>,
     tokenizer: &datasets::Tokenizer,
     cfg: &crate::config::SampleConfig,
-    context: usize,
+    window: usize,
     seed: u64,
 ) -> Result<String, BoxError> {
     let prompt = tokenizer.encode(&cfg.prompt)?;
-    let ids = crate::sample::generate(engine, &prompt, cfg.max_new_tokens, context, cfg.temperature, cfg.top_k, seed)?;
+    let ids = crate::sample::generate(engine, &prompt, cfg.max_new_tokens, window, cfg.temperature, cfg.top_k, seed)?;
     Ok(tokenizer.decode(&ids)?)
 }
 
@@ -215,5 +207,5 @@ pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64
     let loaded = model_io::load_model_folder(model_dir)?;
     let mut engine = Engine::new(Gpt2::new(loaded.config.clone())?, seed, Device::Cpu, DType::F32)?;
     engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
-    sample_text(&engine, &loaded.tokenizer, cfg, loaded.config.context, seed)
+    sample_text(&engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context), seed)
 }
