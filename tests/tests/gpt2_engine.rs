@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use kernels::testing::{assert_close, Tolerance};
 use models::{BlockModel, Gpt2, Gpt2Config};
-use zero_candle::{Engine, MicroBatch};
+use zero_candle::train::single_rank;
+use zero_candle::{Engine, EngineOptions, MicroBatch};
 
 fn tiny_config() -> Gpt2Config {
     Gpt2Config { vocab_size: 13, context: 9, n_layer: 2, n_head: 2, n_embd: 8, layer_norm_eps: 1e-5 }
@@ -59,14 +60,15 @@ fn reference_loss(cfg: &Gpt2Config, p: &HashMap<String, Var>, b: &MicroBatch) ->
 #[test]
 fn engine_block_by_block_gradients_match_monolithic_reference() {
     let cfg = tiny_config();
-    let mut engine = Engine::new(Gpt2::new(cfg.clone()).unwrap(), 7, Device::Cpu, DType::F32).unwrap();
+    let mut engine = Engine::new(Gpt2::new(cfg.clone()).unwrap(), single_rank().unwrap(), 7, Device::Cpu, EngineOptions::single()).unwrap();
     let b = batch(3, 3, 7, cfg.vocab_size as u32);
     let stats = engine.compute_gradients(std::slice::from_ref(&b)).unwrap();
 
     let vars: HashMap<String, Var> = engine
-        .named_parameters()
+        .full_parameters()
+        .unwrap()
         .into_iter()
-        .map(|(n, shape, v)| (n.to_string(), Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()))
+        .map(|(n, shape, v)| (n, Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()))
         .collect();
     let loss = reference_loss(&cfg, &vars, &b);
     let ref_loss = loss.to_scalar::<f32>().unwrap() as f64;
@@ -76,7 +78,7 @@ fn engine_block_by_block_gradients_match_monolithic_reference() {
     assert_eq!(vars.len(), 4 + 12 * cfg.n_layer);
     for (name, var) in &vars {
         let expected = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("reference has no gradient for {name}"));
-        let got = Tensor::from_slice(engine.gradient(name).unwrap(), expected.shape(), &Device::Cpu).unwrap();
+        let got = Tensor::from_slice(engine.gradient(name).unwrap().1, expected.shape(), &Device::Cpu).unwrap();
         assert!(expected.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
         assert_close(&got, expected, tol, name);
     }
@@ -89,8 +91,8 @@ fn gradient_accumulation_matches_one_large_batch() {
     let halves: Vec<MicroBatch> = (0..2)
         .map(|i| MicroBatch { inputs: full.inputs.narrow(0, 2 * i, 2).unwrap(), targets: full.targets.narrow(0, 2 * i, 2).unwrap() })
         .collect();
-    let mut one = Engine::new(Gpt2::new(cfg.clone()).unwrap(), 5, Device::Cpu, DType::F32).unwrap();
-    let mut two = Engine::new(Gpt2::new(cfg).unwrap(), 5, Device::Cpu, DType::F32).unwrap();
+    let mut one = Engine::new(Gpt2::new(cfg.clone()).unwrap(), single_rank().unwrap(), 5, Device::Cpu, EngineOptions::single()).unwrap();
+    let mut two = Engine::new(Gpt2::new(cfg).unwrap(), single_rank().unwrap(), 5, Device::Cpu, EngineOptions::single()).unwrap();
     let hyper = kernels::AdamWHyper { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
     for _ in 0..3 {
         let a = one.train_step(std::slice::from_ref(&full), 1e-2, &hyper, 1.0).unwrap();
@@ -98,10 +100,10 @@ fn gradient_accumulation_matches_one_large_batch() {
         assert!((a.loss - b.loss).abs() < 1e-5, "loss {} vs accumulated {}", a.loss, b.loss);
         assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "grad norm {} vs {}", a.grad_norm, b.grad_norm);
     }
-    for ((n, shape, x), (_, _, y)) in one.named_parameters().into_iter().zip(two.named_parameters()) {
-        let x = Tensor::from_slice(x, shape, &Device::Cpu).unwrap();
-        let y = Tensor::from_slice(y, shape, &Device::Cpu).unwrap();
-        assert_close(&y, &x, Tolerance { rtol: 1e-4, atol: 1e-5 }, n);
+    for ((n, shape, x), (_, _, y)) in one.full_parameters().unwrap().into_iter().zip(two.full_parameters().unwrap()) {
+        let x = Tensor::from_vec(x, shape.as_slice(), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(y, shape.as_slice(), &Device::Cpu).unwrap();
+        assert_close(&y, &x, Tolerance { rtol: 1e-4, atol: 1e-5 }, &n);
     }
 }
 

@@ -3,11 +3,11 @@
 //! (training FLOPs as nanoGPT's estimate_mfu). Results go to docs/benchmarks.md by hand, with the
 //! machine, date and command.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kernels::AdamWHyper;
 use models::{Gpt2, Gpt2Config};
 
-use crate::engine::{Engine, MicroBatch, StepStats};
+use crate::engine::{Engine, EngineOptions, MicroBatch, StepStats};
 use crate::rng::SplitMix64;
 use crate::train::BoxError;
 
@@ -60,7 +60,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
         return Err(format!("--seq-len {seq_len} exceeds the context {} of {}", config.context, opts.preset).into());
     }
     let device = Device::Cpu;
-    let mut engine = Engine::new(Gpt2::new(config.clone())?, 1, device.clone(), DType::F32)?;
+    let mut engine = Engine::new(Gpt2::new(config.clone())?, crate::train::single_rank()?, 1, device.clone(), EngineOptions::single())?;
     let mut rng = SplitMix64::new(42);
     let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect() };
     let batch_data = MicroBatch {

@@ -13,7 +13,32 @@ pub struct Config {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    pub parallel: ParallelConfig,
     pub sample: SampleConfig,
+}
+
+/// `[parallel]`: ranks and ZeRO sharding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Ranks (threads on the CPU, each with its share of every batch). train.batch_size must be
+    /// a multiple of it. Default 1.
+    pub world_size: usize,
+    /// ZeRO stage: 0 replicated, 1 optimizer state sharded, 2 also gradients, 3 also parameters
+    /// (gathered per block, next block prefetched). Default 0.
+    pub zero_stage: u8,
+    /// Stage 3: recompute each block in the backward (activation checkpointing) instead of keeping
+    /// its graph and gathered parameters. Default: true at stage 3, false otherwise.
+    pub recompute: Option<bool>,
+    /// Seconds a collective waits for the other ranks before failing with an error that names
+    /// the operation, unit and rank. Default 300.
+    pub comm_timeout_s: f64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { world_size: 1, zero_stage: 0, recompute: None, comm_timeout_s: 300.0 }
+    }
 }
 
 /// `[model]`: which GPT-2 and its sizes. A preset gives every size; a size set here overrides it.
@@ -104,6 +129,9 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// Compute threads (rayon); 0 = all cores. Default 0.
     pub threads: usize,
+    /// Compute dtype: "f32" or "bf16" (master weights, moments, gradients and reductions stay
+    /// f32). Default "f32".
+    pub precision: String,
 }
 
 impl Default for TrainConfig {
@@ -127,6 +155,7 @@ impl Default for TrainConfig {
             seed: 1337,
             out_dir: PathBuf::from("runs/default"),
             threads: 0,
+            precision: "f32".into(),
         }
     }
 }
@@ -213,6 +242,22 @@ impl Config {
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return bad("data.val_fraction", "must be in (0, 1)");
+        }
+        let p = &self.parallel;
+        if p.world_size == 0 {
+            return bad("parallel.world_size", "must be at least 1");
+        }
+        if t.batch_size % p.world_size != 0 {
+            return bad("train.batch_size", &format!("{} is not a multiple of parallel.world_size {}", t.batch_size, p.world_size));
+        }
+        if p.zero_stage > 3 {
+            return bad("parallel.zero_stage", "must be 0, 1, 2 or 3");
+        }
+        if !(p.comm_timeout_s > 0.0 && p.comm_timeout_s.is_finite()) {
+            return bad("parallel.comm_timeout_s", "must be a positive number of seconds");
+        }
+        if !matches!(t.precision.as_str(), "f32" | "bf16") {
+            return bad("train.precision", "must be \"f32\" or \"bf16\"");
         }
         if self.sample.temperature < 0.0 {
             return bad("sample.temperature", "must be >= 0 (0 = greedy)");

@@ -1,32 +1,63 @@
-//! The training engine: owns the flat fp32 master weights, gradients and AdamW moments of every
-//! unit, hands the model parameters in the compute dtype, and drives forward and backward one unit
-//! at a time (root embed -> blocks -> head + loss, then the blocks' backward in reverse).
+//! The training engine: ZeRO stages 0-3 over the ranks of a `Comm`, driving the model one unit at
+//! a time (root embed -> blocks -> head + loss, then each block's backward in reverse).
 //!
 //! Why per block: candle's `backward()` is one graph walk in which the graph owns every tensor it
-//! touched, so a monolithic backward keeps every block's parameters alive. Driving the backward
-//! block by block, as a vector-Jacobian product `(y * g.detach()).sum_all().backward()` seeded with
-//! the upstream gradient, is what lets a sharded engine gather a block just before its use and
-//! drop it right after (docs/ARCHITECTURE.md). This engine is the single-process case
-//! (world size 1, everything replicated = ZeRO stage 0).
+//! touched, so a monolithic backward keeps every block's (gathered) parameters alive. Driving the
+//! backward block by block, as a vector-Jacobian product `(y * g.detach()).sum_all().backward()`
+//! seeded with the upstream gradient, lets stage 3 gather a block just before use and drop it
+//! right after, and lets stages 2-3 reduce-scatter a block's gradient as soon as it exists.
+//!
+//! Each unit keeps fp32 master weights and AdamW moments over `opt_range` (its shard at stage >= 1),
+//! a gradient buffer (its shard at stage >= 2) and compute-dtype parameters (none between steps at
+//! stage 3). What is sharded is decided only by `ZeroStage::shards` (see stage.rs). Reductions are
+//! sums in rank order (deterministic), and the gradient norm is computed the same way at every
+//! stage (each rank's shard range, then an all-reduce), so stages 1-3 reproduce stage 0 bitwise.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::{bail, DType, Device, Result, Storage, Tensor, Var};
 use kernels::AdamWHyper;
 use models::{BlockModel, Carry, Init};
 
+use crate::comm::{Comm, Pending};
 use crate::layout::FlatLayout;
 use crate::rng::SplitMix64;
+use crate::stage::{Buffer, ZeroStage};
 
-/// One unit's state: layout, fp32 master weights, accumulated gradient, AdamW moments.
+/// How the engine runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub stage: ZeroStage,
+    /// Stage 3: re-gather and recompute each block in the backward (activation checkpointing)
+    /// instead of keeping its graph and gathered parameters from the forward.
+    pub recompute: bool,
+    /// Dtype the model computes in (f32 or bf16); master weights, moments and gradients are f32.
+    pub compute_dtype: DType,
+}
+
+impl EngineOptions {
+    pub fn single() -> Self {
+        Self { stage: ZeroStage::default(), recompute: false, compute_dtype: DType::F32 }
+    }
+}
+
+/// One unit's state on this rank.
 pub struct UnitState {
     pub layout: FlatLayout,
+    /// Elements of the flat buffer this rank owns (its shard).
+    pub shard: Range<usize>,
+    /// Elements covered by `master`, `exp_avg`, `exp_avg_sq` (the shard at stage >= 1).
+    pub opt_range: Range<usize>,
     pub master: Vec<f32>,
-    pub grad: Vec<f32>,
     pub exp_avg: Vec<f32>,
     pub exp_avg_sq: Vec<f32>,
-    /// The parameters as handed to the model (compute dtype), refreshed after each update.
-    params: Vec<Var>,
+    /// Elements covered by `grad` while gradients accumulate (the shard at stage >= 2). After the
+    /// step's reduction, `grad` holds the reduced gradient over `opt_range`.
+    pub grad_range: Range<usize>,
+    pub grad: Vec<f32>,
+    /// Compute-dtype parameters held between steps (stages 0-2).
+    params: Option<Vec<Var>>,
 }
 
 /// One micro-batch: token ids and next-token targets, both (B, T) u32 on the engine's device.
@@ -35,32 +66,66 @@ pub struct MicroBatch {
     pub targets: Tensor,
 }
 
-/// What one optimizer step did and how long its phases took.
+/// What one optimizer step did and how long its phases took (on this rank).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
-    /// Mean loss over the step's counted target tokens.
+    /// Mean loss over the step's counted target tokens, all ranks.
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Target tokens in the step, all ranks.
     pub tokens: usize,
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
 }
 
-pub struct Engine<M: BlockModel> {
-    pub model: M,
-    pub units: Vec<UnitState>,
-    pub device: Device,
-    /// Dtype the model computes in (f32 or bf16); master weights and moments stay f32.
-    pub compute_dtype: DType,
-    /// Optimizer steps taken.
-    pub step: u64,
+/// Bytes of model state this rank holds (persistent), and the peak of gathered parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryReport {
+    pub rank: usize,
+    /// Compute-dtype parameters kept between steps.
+    pub params_bytes: usize,
+    /// Gradient buffers (fp32).
+    pub grads_bytes: usize,
+    /// fp32 master weights + two AdamW moments.
+    pub optimizer_bytes: usize,
+    /// Largest amount of gathered (stage 3) parameters alive at once during a step.
+    pub peak_gathered_bytes: usize,
 }
 
-/// Build a tensor of `shape` from an f32 slice in `dtype`.
-fn tensor_from_f32(values: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    Tensor::from_slice(values, shape, device)?.to_dtype(dtype)
+impl MemoryReport {
+    pub fn model_state_bytes(&self) -> usize {
+        self.params_bytes + self.grads_bytes + self.optimizer_bytes
+    }
+}
+
+pub struct Engine<M: BlockModel, C: Comm> {
+    pub model: M,
+    pub comm: C,
+    pub options: EngineOptions,
+    pub units: Vec<UnitState>,
+    pub device: Device,
+    /// Optimizer steps taken.
+    pub step: u64,
+    gathered_now: usize,
+    gathered_peak: usize,
+}
+
+/// A block's forward record, kept until its backward.
+struct SavedBlock {
+    /// Leaf copies of the block's input carry.
+    inputs: Vec<Var>,
+    /// Without recompute: the outputs (with their graph) and the parameters used.
+    kept: Option<(Carry, Vec<Var>)>,
+}
+
+fn dtype_bytes(dtype: DType) -> usize {
+    dtype.size_in_bytes()
+}
+
+fn cerr(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }
 
 /// Add a gradient tensor (any float dtype, any device) into an f32 slice.
@@ -81,75 +146,168 @@ fn accumulate(dst: &mut [f32], grad: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Intersection of two ranges (empty when disjoint).
+fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    let end = a.end.min(b.end).max(start);
+    start..end
+}
+
 impl UnitState {
-    fn new(layout: FlatLayout, seed: u64) -> Self {
-        let mut master = vec![0f32; layout.padded_numel];
-        for slot in &layout.params {
-            let values = &mut master[slot.range()];
-            match slot.init {
-                Some(Init::Normal { std }) => {
-                    let mut rng = SplitMix64::for_name(seed, &slot.name);
-                    values.iter_mut().for_each(|v| *v = (rng.next_normal() * std) as f32);
-                }
-                Some(Init::Ones) => values.fill(1.0),
-                Some(Init::Zeros) | None => values.fill(0.0),
-            }
+    fn new(layout: FlatLayout, rank: usize, world_size: usize, stage: ZeroStage, seed: u64) -> Self {
+        let full = 0..layout.padded_numel;
+        let shard = layout.shard_range(rank, world_size);
+        let opt_range = if stage.shards(Buffer::OptState) { shard.clone() } else { full.clone() };
+        let grad_range = if stage.shards(Buffer::Grads) { shard.clone() } else { full };
+        let master = init_range(&layout, &opt_range, seed);
+        let n = opt_range.len();
+        Self {
+            layout,
+            shard,
+            opt_range,
+            master,
+            exp_avg: vec![0.0; n],
+            exp_avg_sq: vec![0.0; n],
+            grad: vec![0.0; grad_range.len()],
+            grad_range,
+            params: None,
         }
-        let n = layout.padded_numel;
-        Self { layout, master, grad: vec![0.0; n], exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], params: Vec::new() }
-    }
-
-    /// Re-create the compute-dtype parameters from the master weights.
-    fn refresh_params(&mut self, dtype: DType, device: &Device) -> Result<()> {
-        self.params = self
-            .layout
-            .params
-            .iter()
-            .map(|slot| Var::from_tensor(&tensor_from_f32(&self.master[slot.range()], &slot.shape, dtype, device)?))
-            .collect::<Result<_>>()?;
-        Ok(())
-    }
-
-    fn param_tensors(&self) -> Vec<Tensor> {
-        self.params.iter().map(|v| v.as_tensor().clone()).collect()
-    }
-
-    /// Parameters without autograd tracking (evaluation and sampling build no graph).
-    fn detached_params(&self) -> Vec<Tensor> {
-        self.params.iter().map(|v| v.as_detached_tensor()).collect()
-    }
-
-    /// Add the gradients of this unit's parameters found in `grads` into the flat gradient.
-    fn accumulate_grads(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        for (slot, var) in self.layout.params.iter().zip(&self.params) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                accumulate(&mut self.grad[slot.range()], g, &slot.name)?;
-            }
-        }
-        Ok(())
     }
 }
 
-impl<M: BlockModel> Engine<M> {
-    /// Initialize every unit from `seed` (each parameter from its own named stream).
-    pub fn new(model: M, seed: u64, device: Device, compute_dtype: DType) -> Result<Self> {
-        if !matches!(compute_dtype, DType::F32 | DType::BF16) {
-            bail!("compute dtype {compute_dtype:?} is not supported; use f32 or bf16");
+/// Initial values of `range` of a unit's flat buffer: each parameter from its own named stream,
+/// skipped ahead to the range, so every rank gets the numbers a full initialization would give.
+fn init_range(layout: &FlatLayout, range: &Range<usize>, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; range.len()];
+    for slot in &layout.params {
+        let r = intersect(&slot.range(), range);
+        if r.is_empty() {
+            continue;
         }
-        let mut units: Vec<UnitState> =
-            model.units().iter().map(|spec| UnitState::new(FlatLayout::new(spec, 1), seed)).collect();
-        for unit in &mut units {
-            unit.refresh_params(compute_dtype, &device)?;
+        let values = &mut out[r.start - range.start..r.end - range.start];
+        match slot.init {
+            Some(Init::Normal { std }) => {
+                let mut rng = SplitMix64::for_name(seed, &slot.name);
+                rng.skip(2 * (r.start - slot.offset) as u64);
+                values.iter_mut().for_each(|v| *v = (rng.next_normal() * std) as f32);
+            }
+            Some(Init::Ones) => values.fill(1.0),
+            Some(Init::Zeros) | None => values.fill(0.0),
         }
-        Ok(Self { model, units, device, compute_dtype, step: 0 })
+    }
+    out
+}
+
+impl<M: BlockModel, C: Comm> Engine<M, C> {
+    /// Initialize this rank's part of every unit from `seed`.
+    pub fn new(model: M, comm: C, seed: u64, device: Device, options: EngineOptions) -> Result<Self> {
+        if !matches!(options.compute_dtype, DType::F32 | DType::BF16) {
+            bail!("compute dtype {:?} is not supported; use f32 or bf16", options.compute_dtype);
+        }
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let units: Vec<UnitState> = model
+            .units()
+            .iter()
+            .map(|spec| UnitState::new(FlatLayout::new(spec, world), rank, world, options.stage, seed))
+            .collect();
+        let mut engine = Self { model, comm, options, units, device, step: 0, gathered_now: 0, gathered_peak: 0 };
+        engine.refresh_params()?;
+        Ok(engine)
     }
 
     pub fn num_params(&self) -> usize {
         self.units.iter().map(|u| u.layout.numel).sum()
     }
 
-    /// Forward and backward over `micro_batches`, accumulating gradients normalized by the step's
-    /// total number of target tokens; then clip and apply AdamW with learning rate `lr`.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Bytes of model state held by this rank.
+    pub fn memory_report(&self) -> MemoryReport {
+        let param_bytes = dtype_bytes(self.options.compute_dtype);
+        let params_bytes = if self.options.stage.shards(Buffer::Params) {
+            0
+        } else {
+            self.units.iter().map(|u| u.layout.numel * param_bytes).sum()
+        };
+        MemoryReport {
+            rank: self.rank(),
+            params_bytes,
+            grads_bytes: self.units.iter().map(|u| u.grad_range.len() * 4).sum(),
+            optimizer_bytes: self.units.iter().map(|u| 3 * u.opt_range.len() * 4).sum(),
+            peak_gathered_bytes: self.gathered_peak,
+        }
+    }
+
+    fn unit_param_bytes(&self, unit: usize) -> usize {
+        self.units[unit].layout.numel * dtype_bytes(self.options.compute_dtype)
+    }
+
+    /// Compute-dtype Vars of a unit from its full flat f32 values.
+    fn vars_from_full(&self, unit: usize, full: &[f32]) -> Result<Vec<Var>> {
+        let dtype = self.options.compute_dtype;
+        self.units[unit]
+            .layout
+            .params
+            .iter()
+            .map(|slot| Var::from_tensor(&Tensor::from_slice(&full[slot.range()], slot.shape.as_slice(), &self.device)?.to_dtype(dtype)?))
+            .collect()
+    }
+
+    /// Start gathering a unit's parameters (stage 3), counting them as gathered.
+    fn gather_async(&mut self, unit: usize) -> Result<Pending<f32>> {
+        self.gathered_now += self.unit_param_bytes(unit);
+        self.gathered_peak = self.gathered_peak.max(self.gathered_now);
+        let u = &self.units[unit];
+        self.comm.all_gather_async(u.master.clone(), &u.layout.unit).map_err(cerr)
+    }
+
+    fn finish_gather(&self, unit: usize, pending: Pending<f32>) -> Result<Vec<Var>> {
+        let full = pending.wait().map_err(cerr)?;
+        self.vars_from_full(unit, &full)
+    }
+
+    /// A gathered unit's parameters were dropped.
+    fn release(&mut self, unit: usize) {
+        self.gathered_now = self.gathered_now.saturating_sub(self.unit_param_bytes(unit));
+    }
+
+    /// The parameters of a unit for this step: held (stages 0-2) or gathered now (stage 3).
+    fn unit_params(&mut self, unit: usize) -> Result<Vec<Var>> {
+        match &self.units[unit].params {
+            Some(p) => Ok(p.clone()),
+            None => {
+                let pending = self.gather_async(unit)?;
+                self.finish_gather(unit, pending)
+            }
+        }
+    }
+
+    /// After an update: rebuild the held compute-dtype parameters from the master weights
+    /// (gathering the shards at stages 1-2; nothing is held at stage 3).
+    fn refresh_params(&mut self) -> Result<()> {
+        let stage = self.options.stage;
+        for i in 0..self.units.len() {
+            let params = if stage.shards(Buffer::Params) {
+                None
+            } else if stage.shards(Buffer::OptState) {
+                let u = &self.units[i];
+                let mut full = vec![0f32; u.layout.padded_numel];
+                self.comm.all_gather(&u.master, &mut full, &u.layout.unit).map_err(cerr)?;
+                Some(self.vars_from_full(i, &full)?)
+            } else {
+                let master = std::mem::take(&mut self.units[i].master);
+                let vars = self.vars_from_full(i, &master);
+                self.units[i].master = master;
+                Some(vars?)
+            };
+            self.units[i].params = params;
+        }
+        Ok(())
+    }
+
+    /// Forward and backward over this rank's `micro_batches`, then clip and apply AdamW.
     pub fn train_step(&mut self, micro_batches: &[MicroBatch], lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<StepStats> {
         let mut stats = self.compute_gradients(micro_batches)?;
         let t0 = Instant::now();
@@ -158,29 +316,60 @@ impl<M: BlockModel> Engine<M> {
         Ok(stats)
     }
 
-    /// Zero the gradients, then run forward and backward over every micro-batch. The loss of each
-    /// is divided by the step's total target count, so the accumulated gradient is that of the
-    /// mean loss over the whole step. Returns the loss, token count, gradient norm and timings.
+    /// Zero the gradients, run forward and backward over every micro-batch (the loss of each
+    /// divided by the step's target count over all ranks, so the result is the gradient of the
+    /// global mean loss), reduce the gradients as the stage says, and compute the global norm.
     pub fn compute_gradients(&mut self, micro_batches: &[MicroBatch]) -> Result<StepStats> {
         let mut stats = StepStats::default();
-        let tokens: usize = micro_batches.iter().map(|m| m.targets.elem_count()).sum();
-        if tokens == 0 {
-            bail!("train_step: no target tokens in the batch");
+        let local_tokens: usize = micro_batches.iter().map(|m| m.targets.elem_count()).sum();
+        let mut counts = [local_tokens as f64, micro_batches.len() as f64];
+        self.comm.all_reduce_sum(&mut counts, "step").map_err(cerr)?;
+        if counts[0] == 0.0 {
+            bail!("train_step: no target tokens in the batch on any rank");
         }
-        stats.tokens = tokens;
+        if counts[1] != (micro_batches.len() * self.comm.world_size()) as f64 {
+            bail!("train_step: ranks disagree on the number of micro-batches (this rank has {})", micro_batches.len());
+        }
+        stats.tokens = counts[0] as usize;
         for unit in &mut self.units {
-            unit.grad.fill(0.0);
+            unit.grad.clear();
+            unit.grad.resize(unit.grad_range.len(), 0.0);
         }
+        let mut local_loss = 0.0;
         for micro in micro_batches {
-            stats.loss += self.forward_backward(micro, tokens as f64, &mut stats)?;
+            local_loss += self.forward_backward(micro, counts[0], &mut stats)?;
         }
-        let sum_sq: f64 = self.units.iter().flat_map(|u| u.grad.iter()).map(|&g| (g as f64) * (g as f64)).sum();
-        stats.grad_norm = sum_sq.sqrt();
+
+        // Stages 0-1 reduce once per step; stages 2-3 already reduce-scattered per block.
+        let t0 = Instant::now();
+        let stage = self.options.stage;
+        if !stage.shards(Buffer::Grads) {
+            for unit in &mut self.units {
+                if stage.shards(Buffer::OptState) {
+                    let mut shard = vec![0f32; unit.shard.len()];
+                    self.comm.reduce_scatter_sum(&unit.grad, &mut shard, &unit.layout.unit).map_err(cerr)?;
+                    unit.grad = shard;
+                } else {
+                    self.comm.all_reduce_sum(&mut unit.grad, &unit.layout.unit).map_err(cerr)?;
+                }
+            }
+        }
+        // The norm over this rank's shard range, summed over ranks: the same arithmetic at every stage.
+        let mut sums = [local_loss, 0.0];
+        for unit in &self.units {
+            let local = intersect(&unit.shard, &unit.opt_range);
+            let offset = unit.opt_range.start;
+            sums[1] += unit.grad[local.start - offset..local.end - offset].iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+        }
+        self.comm.all_reduce_sum(&mut sums, "step").map_err(cerr)?;
+        stats.backward_s += t0.elapsed().as_secs_f64();
+        stats.loss = sums[0];
+        stats.grad_norm = sums[1].sqrt();
         Ok(stats)
     }
 
-    /// Clip by the global norm in `stats` and apply one AdamW step to every unit's master
-    /// weights (weight decay on 2-D parameters only), then refresh the compute-dtype parameters.
+    /// Clip by the global norm in `stats` and apply one AdamW step to this rank's master weights
+    /// (weight decay on 2-D parameters only), then refresh the held parameters.
     pub fn apply_update(&mut self, stats: &StepStats, lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<()> {
         if !stats.grad_norm.is_finite() {
             bail!(
@@ -193,113 +382,241 @@ impl<M: BlockModel> Engine<M> {
         let clip_scale = if grad_clip > 0.0 && stats.grad_norm > grad_clip { grad_clip / (stats.grad_norm + 1e-6) } else { 1.0 };
         self.step += 1;
         for unit in &mut self.units {
+            let base = unit.opt_range.start;
             for slot in &unit.layout.params {
+                let r = intersect(&slot.range(), &unit.opt_range);
+                if r.is_empty() {
+                    continue;
+                }
                 let hp = AdamWHyper { lr: lr as f32, weight_decay: if slot.decays { hyper.weight_decay } else { 0.0 }, ..*hyper };
-                let r = slot.range();
+                let local = r.start - base..r.end - base;
                 kernels::adamw_step(
-                    &mut unit.master[r.clone()],
-                    &unit.grad[r.clone()],
-                    &mut unit.exp_avg[r.clone()],
-                    &mut unit.exp_avg_sq[r],
+                    &mut unit.master[local.clone()],
+                    &unit.grad[local.clone()],
+                    &mut unit.exp_avg[local.clone()],
+                    &mut unit.exp_avg_sq[local],
                     &hp,
                     self.step,
                     clip_scale as f32,
                 )?;
             }
-            unit.refresh_params(self.compute_dtype, &self.device)?;
+        }
+        self.refresh_params()
+    }
+
+    /// Add a unit's parameter gradients into its full gradient buffer (stages 0-1) or into `full`,
+    /// a temporary full buffer that is reduce-scattered into the shard (stages 2-3).
+    fn take_grads(&mut self, unit: usize, params: &[Var], grads: &candle_core::backprop::GradStore, full: Option<&mut Vec<f32>>) -> Result<()> {
+        let u = &mut self.units[unit];
+        let target: &mut Vec<f32> = match full {
+            Some(buf) => buf,
+            None if u.grad_range.len() == u.layout.padded_numel => &mut u.grad,
+            None => bail!("unit {}: a sharded gradient needs a full buffer to reduce-scatter from", u.layout.unit),
+        };
+        for (slot, var) in u.layout.params.iter().zip(params) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                accumulate(&mut target[slot.range()], g, &slot.name)?;
+            }
         }
         Ok(())
     }
 
-    /// The accumulated gradient of parameter `name` (after `compute_gradients`).
-    pub fn gradient(&self, name: &str) -> Option<&[f32]> {
-        self.units
-            .iter()
-            .find_map(|u| u.layout.params.iter().find(|s| s.name == name).map(|s| &u.grad[s.range()]))
+    /// Reduce-scatter a full unit gradient into this rank's gradient shard (stages 2-3).
+    fn scatter_into_shard(&mut self, unit: usize, full: &[f32]) -> Result<()> {
+        let u = &mut self.units[unit];
+        let pending = self.comm.reduce_scatter_sum_async(full.to_vec(), &u.layout.unit).map_err(cerr)?;
+        let shard = pending.wait().map_err(cerr)?;
+        u.grad.iter_mut().zip(&shard).for_each(|(g, s)| *g += s);
+        Ok(())
     }
 
-    /// One micro-batch: returns its loss contribution (summed over its tokens / `divisor`).
+    /// One micro-batch on this rank: returns its loss contribution (summed over its tokens /
+    /// `divisor`).
     fn forward_backward(&mut self, micro: &MicroBatch, divisor: f64, stats: &mut StepStats) -> Result<f64> {
         let t0 = Instant::now();
-        let (root, blocks) = self.units.split_first_mut().ok_or_else(|| candle_core::Error::Msg("model has no units".into()))?;
-        let root_params = root.param_tensors();
+        let n_blocks = self.units.len() - 1;
+        let shard_params = self.options.stage.shards(Buffer::Params);
+        let shard_grads = self.options.stage.shards(Buffer::Grads);
+        let recompute = self.options.recompute;
 
-        // Forward: the embedding keeps its graph; each block starts from a fresh leaf so that its
-        // backward can be run on its own.
-        let embedded = self.model.embed(&root_params, &micro.inputs)?;
-        let mut block_inputs: Vec<Vec<Var>> = Vec::with_capacity(blocks.len());
-        let mut block_outputs: Vec<Carry> = Vec::with_capacity(blocks.len());
+        // Forward. The root stays gathered for the whole micro-step.
+        let root = self.unit_params(0)?;
+        let root_t: Vec<Tensor> = root.iter().map(|v| v.as_tensor().clone()).collect();
+        let embedded = self.model.embed(&root_t, &micro.inputs)?;
         let mut carry: Vec<Var> = embedded.iter().map(|t| Var::from_tensor(&t.detach())).collect::<Result<_>>()?;
-        for (i, unit) in blocks.iter().enumerate() {
+        let mut saved: Vec<SavedBlock> = Vec::with_capacity(n_blocks);
+        let mut prefetch = if shard_params && n_blocks > 0 { Some(self.gather_async(1)?) } else { None };
+        for i in 0..n_blocks {
+            let params = match prefetch.take() {
+                Some(p) => {
+                    let vars = self.finish_gather(i + 1, p)?;
+                    if i + 1 < n_blocks {
+                        prefetch = Some(self.gather_async(i + 2)?);
+                    }
+                    vars
+                }
+                None => self.unit_params(i + 1)?,
+            };
             let input: Carry = carry.iter().map(|v| v.as_tensor().clone()).collect();
-            let output = self.model.block(i, &unit.param_tensors(), &input)?;
+            let (output, kept) = if recompute {
+                let detached: Vec<Tensor> = params.iter().map(|v| v.as_detached_tensor()).collect();
+                let input_detached: Carry = input.iter().map(|t| t.detach()).collect();
+                let output = self.model.block(i, &detached, &input_detached)?;
+                if shard_params {
+                    self.release(i + 1);
+                }
+                (output, None)
+            } else {
+                let tensors: Vec<Tensor> = params.iter().map(|v| v.as_tensor().clone()).collect();
+                let output = self.model.block(i, &tensors, &input)?;
+                (output.clone(), Some((output, params)))
+            };
             let next = output.iter().map(|t| Var::from_tensor(&t.detach())).collect::<Result<_>>()?;
-            block_inputs.push(std::mem::replace(&mut carry, next));
-            block_outputs.push(output);
+            saved.push(SavedBlock { inputs: std::mem::replace(&mut carry, next), kept });
         }
         let last: Carry = carry.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = self.model.head_loss(&root_params, &last, &micro.targets, Some(divisor))?;
+        let loss = self.model.head_loss(&root_t, &last, &micro.targets, Some(divisor))?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         stats.forward_s += t0.elapsed().as_secs_f64();
 
         // Backward, one unit at a time, from the loss down to the embedding.
         let t1 = Instant::now();
+        let mut root_full = if shard_grads { Some(vec![0f32; self.units[0].layout.padded_numel]) } else { None };
         let grads = loss.backward()?;
-        root.accumulate_grads(&grads)?;
+        self.take_grads(0, &root, &grads, root_full.as_mut())?;
         let mut upstream = upstream_of(&grads, &carry)?;
-        drop((grads, loss));
-        for (i, unit) in blocks.iter_mut().enumerate().rev() {
-            let output = block_outputs.pop().ok_or_else(|| candle_core::Error::Msg("missing block output".into()))?;
+        drop((grads, loss, last, carry));
+        let mut prefetch = if shard_params && recompute && n_blocks > 0 { Some(self.gather_async(n_blocks)?) } else { None };
+        for i in (0..n_blocks).rev() {
+            let block = saved.pop().ok_or_else(|| cerr(format!("missing forward record of block {i}")))?;
+            let (output, params, inputs) = match block.kept {
+                Some((output, params)) => (output, params, block.inputs),
+                None => {
+                    let params = match prefetch.take() {
+                        Some(p) => {
+                            let vars = self.finish_gather(i + 1, p)?;
+                            if i > 0 {
+                                prefetch = Some(self.gather_async(i)?);
+                            }
+                            vars
+                        }
+                        None => self.unit_params(i + 1)?,
+                    };
+                    let inputs: Vec<Var> = block.inputs.iter().map(|v| Var::from_tensor(&v.as_detached_tensor())).collect::<Result<_>>()?;
+                    let tensors: Vec<Tensor> = params.iter().map(|v| v.as_tensor().clone()).collect();
+                    let input: Carry = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+                    (self.model.block(i, &tensors, &input)?, params, inputs)
+                }
+            };
             let grads = vjp(&output, &upstream)?.backward()?;
-            unit.accumulate_grads(&grads)?;
-            let inputs = block_inputs.pop().ok_or_else(|| candle_core::Error::Msg(format!("missing input of block {i}")))?;
             upstream = upstream_of(&grads, &inputs)?;
+            if shard_grads {
+                let mut full = vec![0f32; self.units[i + 1].layout.padded_numel];
+                self.take_grads(i + 1, &params, &grads, Some(&mut full))?;
+                drop((grads, output, params));
+                self.scatter_into_shard(i + 1, &full)?;
+            } else {
+                self.take_grads(i + 1, &params, &grads, None)?;
+                drop((grads, output, params));
+            }
+            if shard_params {
+                self.release(i + 1);
+            }
         }
         let grads = vjp(&embedded, &upstream)?.backward()?;
-        root.accumulate_grads(&grads)?;
+        self.take_grads(0, &root, &grads, root_full.as_mut())?;
+        drop((grads, embedded, root, root_t));
+        if let Some(full) = root_full {
+            self.scatter_into_shard(0, &full)?;
+        }
+        if shard_params {
+            self.release(0);
+        }
         stats.backward_s += t1.elapsed().as_secs_f64();
         Ok(loss_value)
     }
 
-    /// Mean loss over `batches` with no graph (validation).
-    pub fn eval_loss(&self, batches: &[MicroBatch]) -> Result<f64> {
-        let mut total = 0.0;
-        let mut tokens = 0usize;
+    /// Summed loss and target count over `batches` with no graph (this rank's share of a
+    /// validation set); all ranks take part (stage 3 gathers), and the totals are all-reduced.
+    pub fn eval_loss(&mut self, batches: &[MicroBatch]) -> Result<f64> {
+        let mut sums = [0.0f64, 0.0];
+        let params: Vec<Vec<Tensor>> = (0..self.units.len())
+            .map(|i| Ok(self.unit_params(i)?.iter().map(|v| v.as_detached_tensor()).collect()))
+            .collect::<Result<_>>()?;
         for b in batches {
-            let n = b.targets.elem_count();
-            let carry = self.forward_no_grad(&b.inputs)?;
-            let loss = self.model.head_loss(&self.units[0].detached_params(), &carry, &b.targets, Some(1.0))?;
-            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            tokens += n;
+            let carry = self.forward_no_grad(&params, &b.inputs)?;
+            let loss = self.model.head_loss(&params[0], &carry, &b.targets, Some(1.0))?;
+            sums[0] += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sums[1] += b.targets.elem_count() as f64;
         }
-        if tokens == 0 {
+        drop(params);
+        if self.options.stage.shards(Buffer::Params) {
+            for i in 0..self.units.len() {
+                self.release(i);
+            }
+        }
+        self.comm.all_reduce_sum(&mut sums, "eval").map_err(cerr)?;
+        if sums[1] == 0.0 {
             bail!("eval_loss: no batches");
         }
-        Ok(total / tokens as f64)
+        Ok(sums[0] / sums[1])
     }
 
-    /// Logits (B, T, V) with no graph (sampling).
-    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
-        let carry = self.forward_no_grad(ids)?;
-        self.model.logits(&self.units[0].detached_params(), &carry)
+    /// Logits (B, T, V) with no graph (sampling; stage 0-2 engines, or any stage at world 1).
+    pub fn logits(&mut self, ids: &Tensor) -> Result<Tensor> {
+        let params: Vec<Vec<Tensor>> = (0..self.units.len())
+            .map(|i| Ok(self.unit_params(i)?.iter().map(|v| v.as_detached_tensor()).collect()))
+            .collect::<Result<_>>()?;
+        let carry = self.forward_no_grad(&params, ids)?;
+        self.model.logits(&params[0], &carry)
     }
 
-    fn forward_no_grad(&self, ids: &Tensor) -> Result<Carry> {
-        let mut carry = self.model.embed(&self.units[0].detached_params(), ids)?;
-        for (i, unit) in self.units[1..].iter().enumerate() {
-            carry = self.model.block(i, &unit.detached_params(), &carry)?;
+    fn forward_no_grad(&self, params: &[Vec<Tensor>], ids: &Tensor) -> Result<Carry> {
+        let mut carry = self.model.embed(&params[0], ids)?;
+        for (i, p) in params[1..].iter().enumerate() {
+            carry = self.model.block(i, p, &carry)?;
         }
         Ok(carry)
+    }
+
+    /// Every parameter as (name, shape, fp32 values), gathered from all ranks' master shards
+    /// (a collective: every rank must call it).
+    pub fn full_parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        let mut out = Vec::new();
+        for u in &self.units {
+            let full = if u.opt_range.len() == u.layout.padded_numel {
+                u.master.clone()
+            } else {
+                let mut full = vec![0f32; u.layout.padded_numel];
+                self.comm.all_gather(&u.master, &mut full, &u.layout.unit).map_err(cerr)?;
+                full
+            };
+            out.extend(u.layout.params.iter().map(|s| (s.name.clone(), s.shape.clone(), full[s.range()].to_vec())));
+        }
+        Ok(out)
+    }
+
+    /// The accumulated gradient of parameter `name` over the part this rank holds, as
+    /// (first flat index within the parameter, values). After `compute_gradients`.
+    pub fn gradient(&self, name: &str) -> Option<(usize, &[f32])> {
+        self.units.iter().find_map(|u| {
+            let slot = u.layout.params.iter().find(|s| s.name == name)?;
+            let held = if u.grad.len() == u.opt_range.len() { u.opt_range.clone() } else { u.grad_range.clone() };
+            let r = intersect(&slot.range(), &held);
+            Some((r.start.saturating_sub(slot.offset), &u.grad[r.start - held.start..r.end - held.start]))
+        })
     }
 
     /// Replace every parameter's master weights with `params` (name -> (shape, f32 values)); every
     /// parameter of the model must be present with its exact shape. Moments are reset.
     pub fn load_parameters(&mut self, params: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
         for unit in &mut self.units {
+            let base = unit.opt_range.start;
             for slot in &unit.layout.params {
                 match params.get(&slot.name) {
                     Some((shape, values)) if shape == &slot.shape && values.len() == slot.numel => {
-                        unit.master[slot.range()].copy_from_slice(values)
+                        let r = intersect(&slot.range(), &unit.opt_range);
+                        unit.master[r.start - base..r.end - base].copy_from_slice(&values[r.start - slot.offset..r.end - slot.offset]);
                     }
                     Some((shape, _)) => bail!("parameter {}: shape {shape:?} in the file, the model expects {:?}", slot.name, slot.shape),
                     None => bail!("parameter {} is missing from the weights", slot.name),
@@ -307,17 +624,8 @@ impl<M: BlockModel> Engine<M> {
             }
             unit.exp_avg.fill(0.0);
             unit.exp_avg_sq.fill(0.0);
-            unit.refresh_params(self.compute_dtype, &self.device)?;
         }
-        Ok(())
-    }
-
-    /// Every parameter as (name, shape, fp32 values), in unit order (export and tests).
-    pub fn named_parameters(&self) -> Vec<(&str, &[usize], &[f32])> {
-        self.units
-            .iter()
-            .flat_map(|u| u.layout.params.iter().map(move |s| (s.name.as_str(), s.shape.as_slice(), &u.master[s.range()])))
-            .collect()
+        self.refresh_params()
     }
 }
 
@@ -334,7 +642,7 @@ fn vjp(outputs: &[Tensor], upstream: &[Tensor]) -> Result<Tensor> {
             None => term,
         });
     }
-    total.ok_or_else(|| candle_core::Error::Msg("backward: empty carry".into()))
+    total.ok_or_else(|| cerr("backward: empty carry"))
 }
 
 /// Gradients reaching the carry leaves `inputs` (zeros when a leaf got none).

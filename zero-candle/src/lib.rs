@@ -6,6 +6,7 @@
 //! `schedule`, `sample`, `model_io` (the model folder with Hugging Face names) and `bench`.
 
 pub mod bench;
+pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod engine;
@@ -15,7 +16,9 @@ pub mod model_io;
 pub mod rng;
 pub mod sample;
 pub mod schedule;
+pub mod stage;
 pub mod train;
 
 pub use config::Config;
-pub use engine::{Engine, MicroBatch, StepStats};
+pub use engine::{Engine, EngineOptions, MemoryReport, MicroBatch, StepStats};
+pub use stage::{Buffer, ZeroStage};

@@ -26,6 +26,12 @@ enum Command {
         /// Override a config key, e.g. --set train.max_steps=200 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Ranks (threads on the CPU); same as --set parallel.world_size=N.
+        #[arg(long)]
+        world: Option<usize>,
+        /// ZeRO stage 0-3; same as --set parallel.zero_stage=S.
+        #[arg(long)]
+        zero_stage: Option<u8>,
     },
     /// Tokenize text files into train/val token shards.
     Prepare {
@@ -85,7 +91,9 @@ enum Command {
 
 fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
-        Command::Train { config, overrides } => {
+        Command::Train { config, mut overrides, world, zero_stage } => {
+            overrides.extend(world.map(|n| format!("parallel.world_size={n}")));
+            overrides.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
             let cfg = Config::load(config.as_deref(), &overrides)?;
             run_training(&cfg)?;
         }

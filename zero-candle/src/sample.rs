@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use models::BlockModel;
 
+use crate::comm::Comm;
 use crate::engine::Engine;
 use crate::rng::SplitMix64;
 
@@ -33,8 +34,8 @@ pub fn pick_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Spli
 }
 
 /// Continue `prompt` (token ids) by `max_new_tokens`, keeping at most `context` tokens as input.
-pub fn generate<M: BlockModel>(
-    engine: &Engine<M>,
+pub fn generate<M: BlockModel, C: Comm>(
+    engine: &mut Engine<M, C>,
     prompt: &[u32],
     max_new_tokens: usize,
     context: usize,

@@ -2,7 +2,7 @@
 //! read top-down as one loop (nanoGPT's train.py is the model of this file).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use datasets::{Split, TokenDataset, TokenizerSpec};
@@ -10,8 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kernels::AdamWHyper;
 use models::{Gpt2, Gpt2Config};
 
+use crate::comm::{Comm, LocalComm};
 use crate::config::{Config, ModelConfig};
-use crate::engine::{Engine, MicroBatch};
+use crate::engine::{Engine, EngineOptions, MicroBatch};
+use crate::stage::ZeroStage;
 use crate::metrics::MetricsWriter;
 use crate::model_io;
 use crate::schedule::learning_rate;
@@ -70,31 +72,59 @@ fn log_line(bar: &ProgressBar, line: String) {
     }
 }
 
+/// A single-rank communicator (world size 1), for sampling, benchmarks and examples.
+pub fn single_rank() -> Result<LocalComm, BoxError> {
+    LocalComm::group(1, Duration::from_secs(300)).pop().ok_or_else(|| "could not create a single-rank communicator".into())
+}
+
+/// Engine options from the config.
+pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
+    let stage = ZeroStage::new(cfg.parallel.zero_stage)?;
+    let compute_dtype = match cfg.train.precision.as_str() {
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
+    Ok(EngineOptions { stage, recompute: cfg.parallel.recompute.unwrap_or(stage.get() == 3), compute_dtype })
+}
+
 pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     crate::cpu::init_compute_threads(cfg.train.threads);
-    let t = &cfg.train;
-    let out_dir = &t.out_dir;
+    let out_dir = &cfg.train.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())
         .map_err(|e| format!("cannot write {}: {e}", out_dir.join("config.toml").display()))?;
-
-    // Data.
     let data_dir = prepared_data(cfg)?;
     let data = TokenDataset::open(&data_dir)?;
+    let timeout = Duration::from_secs_f64(cfg.parallel.comm_timeout_s);
+    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, comm))
+        .map_err(|e| -> BoxError { e.to_string().into() })?;
+    match results.first_mut().and_then(Option::take) {
+        Some(summary) => Ok(summary),
+        None => Err("rank 0 returned no summary".into()),
+    }
+}
+
+/// One rank's training loop (rank 0 also logs, writes metrics, saves the model and samples).
+fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
+    let t = &cfg.train;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let main = rank == 0;
+    let out_dir = &t.out_dir;
     let model_cfg = resolve_model_config(&cfg.model, data.vocab_size())?;
     let seq_len = if t.seq_len == 0 { model_cfg.context } else { t.seq_len };
     if seq_len > model_cfg.context {
         return Err(format!("train.seq_len {seq_len} exceeds the model context {}; lower it or set model.context", model_cfg.context).into());
     }
+    // Every rank draws the same global batches and keeps its rows of each.
     let mut loader = data.loader(Split::Train, t.batch_size, seq_len, t.seed)?;
     let device = Device::Cpu;
     let val_batches: Vec<MicroBatch> = data
         .val_batches(t.batch_size, seq_len, t.eval_batches)?
-        .map(|b| to_micro_batch(b, &device))
-        .collect::<candle_core::Result<_>>()?;
+        .map(|b| -> Result<MicroBatch, BoxError> { Ok(to_micro_batch(b.rank_rows(rank, world)?, &device)?) })
+        .collect::<Result<_, _>>()?;
 
-    // Model and engine.
-    let mut engine = Engine::new(Gpt2::new(model_cfg.clone())?, t.seed, device.clone(), DType::F32)?;
+    let options = engine_options(cfg)?;
+    let mut engine = Engine::new(Gpt2::new(model_cfg.clone())?, comm, t.seed, device.clone(), options)?;
     let hyper = AdamWHyper {
         lr: t.lr as f32,
         beta1: t.beta1 as f32,
@@ -103,34 +133,44 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
         weight_decay: t.weight_decay as f32,
     };
     let tokens_per_step = t.batch_size * t.grad_accum_steps * seq_len;
-    println!(
-        "model: gpt2 {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
-        model_cfg.n_layer,
-        model_cfg.n_head,
-        model_cfg.n_embd,
-        model_cfg.context,
-        model_cfg.vocab_size,
-        engine.num_params() as f64 / 1e6
-    );
-    println!(
-        "data: {} ({} train / {} val tokens); {} tokens per step ({} x {} x {}); {} steps; threads {}",
-        data_dir.display(),
-        data.tokens(Split::Train).len(),
-        data.tokens(Split::Val).len(),
-        tokens_per_step,
-        t.batch_size,
-        t.grad_accum_steps,
-        seq_len,
-        t.max_steps,
-        rayon::current_num_threads()
-    );
-    let mut metrics = MetricsWriter::create(out_dir)?;
-    metrics.write(serde_json::json!({
-        "event": "start", "num_params": engine.num_params(), "tokens_per_step": tokens_per_step,
-        "model": model_cfg, "threads": rayon::current_num_threads(),
-    }))?;
+    let mut metrics = if main { Some(MetricsWriter::create(out_dir)?) } else { None };
+    if main {
+        println!(
+            "model: gpt2 {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
+            model_cfg.n_layer,
+            model_cfg.n_head,
+            model_cfg.n_embd,
+            model_cfg.context,
+            model_cfg.vocab_size,
+            engine.num_params() as f64 / 1e6
+        );
+        println!(
+            "data: {} ({} train / {} val tokens); {} tokens per step ({} x {} x {}); {} steps; threads {}",
+            data.dir().display(),
+            data.tokens(Split::Train).len(),
+            data.tokens(Split::Val).len(),
+            tokens_per_step,
+            t.batch_size,
+            t.grad_accum_steps,
+            seq_len,
+            t.max_steps,
+            rayon::current_num_threads()
+        );
+        println!(
+            "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}",
+            options.stage, options.recompute, t.precision
+        );
+    }
+    report_memory(&mut engine, metrics.as_mut(), "start")?;
+    if let Some(m) = metrics.as_mut() {
+        m.write(serde_json::json!({
+            "event": "start", "num_params": engine.num_params(), "tokens_per_step": tokens_per_step,
+            "model": model_cfg, "threads": rayon::current_num_threads(), "world_size": world,
+            "zero_stage": options.stage.get(), "recompute": options.recompute, "precision": t.precision,
+        }))?;
+    }
 
-    let bar = ProgressBar::new(t.max_steps as u64);
+    let bar = if main { ProgressBar::new(t.max_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| format!("progress bar template: {e}"))?,
@@ -141,44 +181,63 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     for step in 1..=t.max_steps {
         let lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         let micro: Vec<MicroBatch> = (0..t.grad_accum_steps)
-            .map(|_| to_micro_batch(loader.next_batch(), &device))
-            .collect::<candle_core::Result<_>>()?;
+            .map(|_| -> Result<MicroBatch, BoxError> { Ok(to_micro_batch(loader.next_batch().rank_rows(rank, world)?, &device)?) })
+            .collect::<Result<_, _>>()?;
         let step_start = Instant::now();
         let stats = engine.train_step(&micro, lr, &hyper, t.grad_clip)?;
         let step_s = step_start.elapsed().as_secs_f64();
         tokens_seen += stats.tokens;
         last_loss = stats.loss;
+        if step == 1 {
+            report_memory(&mut engine, metrics.as_mut(), "after step 1")?;
+        }
         let elapsed = start.elapsed().as_secs_f64();
         let tok_s = tokens_seen as f64 / elapsed;
-        metrics.write(serde_json::json!({
-            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-            "step_s": step_s, "tokens_per_s": stats.tokens as f64 / step_s, "elapsed_s": elapsed,
-        }))?;
-        bar.set_position(step as u64);
-        bar.set_message(format!("loss {:.4} | {:.0} tok/s", stats.loss, tok_s));
-        if t.log_interval > 0 && (step % t.log_interval == 0 || step == 1) {
-            log_line(&bar, format!(
-                "step {step:>5} | loss {:.4} | lr {lr:.2e} | grad norm {:.3} | {:.0} ms | {tok_s:.0} tok/s",
-                stats.loss, stats.grad_norm, step_s * 1e3
-            ));
+        if let Some(m) = metrics.as_mut() {
+            m.write(serde_json::json!({
+                "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                "step_s": step_s, "tokens_per_s": stats.tokens as f64 / step_s, "elapsed_s": elapsed,
+            }))?;
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {:.4} | {:.0} tok/s", stats.loss, tok_s));
+            if t.log_interval > 0 && (step % t.log_interval == 0 || step == 1) {
+                log_line(&bar, format!(
+                    "step {step:>5} | loss {:.4} | lr {lr:.2e} | grad norm {:.3} | {:.0} ms | {tok_s:.0} tok/s",
+                    stats.loss, stats.grad_norm, step_s * 1e3
+                ));
+            }
         }
         if (t.eval_interval > 0 && step % t.eval_interval == 0) || step == t.max_steps {
             val_loss = engine.eval_loss(&val_batches)?;
-            metrics.write(serde_json::json!({"step": step, "val_loss": val_loss, "elapsed_s": start.elapsed().as_secs_f64()}))?;
-            log_line(&bar, format!("step {step:>5} | val loss {val_loss:.4} | {:.1} min", start.elapsed().as_secs_f64() / 60.0));
+            if let Some(m) = metrics.as_mut() {
+                m.write(serde_json::json!({"step": step, "val_loss": val_loss, "elapsed_s": start.elapsed().as_secs_f64()}))?;
+                log_line(&bar, format!("step {step:>5} | val loss {val_loss:.4} | {:.1} min", start.elapsed().as_secs_f64() / 60.0));
+            }
         }
     }
     bar.finish_and_clear();
     let elapsed_s = start.elapsed().as_secs_f64();
     let tokens_per_s = tokens_seen as f64 / elapsed_s;
 
+    // Gather the weights (a collective), then rank 0 saves and samples on its own.
+    let params = engine.full_parameters()?;
+    drop(engine);
+    if !main {
+        return Ok(None);
+    }
+    let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
     let model_dir = model_io::model_dir(out_dir);
-    model_io::save_model_folder(&model_dir, &model_cfg, seq_len, &engine.named_parameters(), data.tokenizer())?;
-    let sample = sample_text(&engine, data.tokenizer(), &cfg.sample, seq_len, t.seed)?;
-    metrics.write(serde_json::json!({
-        "event": "end", "steps": t.max_steps, "loss": last_loss, "val_loss": val_loss,
-        "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s, "model_dir": model_dir,
-    }))?;
+    model_io::save_model_folder(&model_dir, &model_cfg, seq_len, &named, data.tokenizer())?;
+    let mut solo = Engine::new(Gpt2::new(model_cfg.clone())?, single_rank()?, t.seed, device, EngineOptions::single())?;
+    let by_name = params.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
+    solo.load_parameters(&by_name)?;
+    let sample = sample_text(&mut solo, data.tokenizer(), &cfg.sample, seq_len, t.seed)?;
+    if let Some(m) = metrics.as_mut() {
+        m.write(serde_json::json!({
+            "event": "end", "steps": t.max_steps, "loss": last_loss, "val_loss": val_loss,
+            "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s, "model_dir": model_dir,
+        }))?;
+    }
     println!(
         "done: {} steps in {:.1} min, final train loss {last_loss:.4}, val loss {val_loss:.4}, {tokens_per_s:.0} tok/s",
         t.max_steps,
@@ -186,12 +245,35 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     );
     println!("model written to {}", model_dir.display());
     println!("--- sample ---\n{}{}\n--------------", cfg.sample.prompt, sample);
-    Ok(RunSummary { steps: t.max_steps, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir })
+    Ok(Some(RunSummary { steps: t.max_steps, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir }))
+}
+
+/// Every rank's memory report, gathered to rank 0, printed and written to the metrics.
+fn report_memory<C: Comm>(engine: &mut Engine<Gpt2, C>, metrics: Option<&mut MetricsWriter>, when: &str) -> Result<(), BoxError> {
+    let r = engine.memory_report();
+    let mine = [r.params_bytes as f64, r.grads_bytes as f64, r.optimizer_bytes as f64, r.peak_gathered_bytes as f64];
+    let world = engine.comm.world_size();
+    let mut all = vec![0f64; 4 * world];
+    engine.comm.all_gather(&mine, &mut all, "memory report")?;
+    if let Some(m) = metrics {
+        let mb = |b: f64| b / (1 << 20) as f64;
+        for (rank, v) in all.chunks_exact(4).enumerate() {
+            println!(
+                "memory ({when}) rank {rank}: params {:.1} MiB, grads {:.1} MiB, optimizer {:.1} MiB, model state {:.1} MiB, peak gathered {:.1} MiB",
+                mb(v[0]), mb(v[1]), mb(v[2]), mb(v[0] + v[1] + v[2]), mb(v[3])
+            );
+            m.write(serde_json::json!({
+                "event": "memory", "when": when, "rank": rank, "params_bytes": v[0], "grads_bytes": v[1],
+                "optimizer_bytes": v[2], "model_state_bytes": v[0] + v[1] + v[2], "peak_gathered_bytes": v[3],
+            }))?;
+        }
+    }
+    Ok(())
 }
 
 /// Generate a continuation of `cfg.prompt` and decode it, feeding at most `window` tokens.
-pub fn sample_text(
-    engine: &Engine<Gpt2>,
+pub fn sample_text<C: Comm>(
+    engine: &mut Engine<Gpt2, C>,
     tokenizer: &datasets::Tokenizer,
     cfg: &crate::config::SampleConfig,
     window: usize,
@@ -205,7 +287,7 @@ pub fn sample_text(
 /// `zero-candle sample`: load a model folder and print a continuation.
 pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64) -> Result<String, BoxError> {
     let loaded = model_io::load_model_folder(model_dir)?;
-    let mut engine = Engine::new(Gpt2::new(loaded.config.clone())?, seed, Device::Cpu, DType::F32)?;
+    let mut engine = Engine::new(Gpt2::new(loaded.config.clone())?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
     engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
-    sample_text(&engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context), seed)
+    sample_text(&mut engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context), seed)
 }

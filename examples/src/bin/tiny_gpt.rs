@@ -3,12 +3,12 @@
 //!
 //! cargo run --release -p examples --bin tiny_gpt -- [steps]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use datasets::{Split, TokenDataset, TokenizerSpec};
 use kernels::AdamWHyper;
 use models::{Gpt2, Gpt2Config};
 use zero_candle::schedule::learning_rate;
-use zero_candle::{Engine, MicroBatch};
+use zero_candle::{Engine, EngineOptions, MicroBatch};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -25,7 +25,7 @@ fn main() -> Result<(), BoxError> {
 
     // Model: 2 blocks of width 128 (0.4M parameters).
     let config = Gpt2Config { vocab_size: data.vocab_size(), context: seq_len, n_layer: 2, n_head: 4, n_embd: 128, layer_norm_eps: 1e-5 };
-    let mut engine = Engine::new(Gpt2::new(config)?, 1, Device::Cpu, DType::F32)?;
+    let mut engine = Engine::new(Gpt2::new(config)?, zero_candle::train::single_rank()?, 1, Device::Cpu, EngineOptions::single())?;
     let hyper = AdamWHyper { lr: lr as f32, beta2: 0.99, weight_decay: 0.1, ..Default::default() };
 
     for step in 1..=steps {
@@ -42,7 +42,7 @@ fn main() -> Result<(), BoxError> {
 
     // Greedy decoding of one line.
     let prompt = data.tokenizer().encode("ROMEO:\n")?;
-    let out = zero_candle::sample::generate(&engine, &prompt, 60, seq_len, 0.0, 0, 0)?;
+    let out = zero_candle::sample::generate(&mut engine, &prompt, 60, seq_len, 0.0, 0, 0)?;
     println!("ROMEO:\n{}", data.tokenizer().decode(&out)?);
     Ok(())
 }
