@@ -7,7 +7,11 @@ use candle_core::{Device, Tensor};
 use kernels::AdamWHyper;
 use models::{Gpt2, Gpt2Config};
 
-use crate::engine::{Engine, EngineOptions, MicroBatch, StepStats};
+use std::time::Duration;
+
+use crate::comm::{run_ranks, Comm, LocalComm};
+use crate::engine::{Engine, EngineOptions, MemoryReport, MicroBatch, StepStats};
+use crate::stage::ZeroStage;
 use crate::rng::SplitMix64;
 use crate::train::BoxError;
 
@@ -22,6 +26,10 @@ pub struct BenchOptions {
     pub vocab: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// Ranks (threads); each takes batch / world rows of every batch.
+    pub world: usize,
+    pub stage: u8,
+    pub recompute: bool,
 }
 
 /// Median of each phase over the timed steps.
@@ -36,6 +44,8 @@ pub struct BenchResult {
     pub step_s: f64,
     pub tokens_per_s: f64,
     pub gflops: f64,
+    /// Every rank's memory report after the timed steps.
+    pub memory: Vec<MemoryReport>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -59,24 +69,36 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
     if seq_len > config.context {
         return Err(format!("--seq-len {seq_len} exceeds the context {} of {}", config.context, opts.preset).into());
     }
+    if opts.world == 0 || batch % opts.world != 0 {
+        return Err(format!("--batch {batch} must be a positive multiple of --world {}", opts.world).into());
+    }
     let device = Device::Cpu;
-    let mut engine = Engine::new(Gpt2::new(config.clone())?, crate::train::single_rank()?, 1, device.clone(), EngineOptions::single())?;
     let mut rng = SplitMix64::new(42);
     let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect() };
-    let batch_data = MicroBatch {
-        inputs: Tensor::from_vec(tokens(batch * seq_len), (batch, seq_len), &device)?,
-        targets: Tensor::from_vec(tokens(batch * seq_len), (batch, seq_len), &device)?,
-    };
+    let (inputs, targets) = (tokens(batch * seq_len), tokens(batch * seq_len));
     let hyper = AdamWHyper { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut runs: Vec<(StepStats, f64)> = Vec::new();
-    for i in 0..opts.warmup + opts.steps {
-        let t0 = std::time::Instant::now();
-        let stats = engine.train_step(std::slice::from_ref(&batch_data), 1e-4, &hyper, 1.0)?;
-        let total = t0.elapsed().as_secs_f64();
-        if i >= opts.warmup {
-            runs.push((stats, total));
+    let options = EngineOptions { stage: ZeroStage::new(opts.stage)?, recompute: opts.recompute, compute_dtype: candle_core::DType::F32 };
+    let world = opts.world;
+    let rows = batch / world;
+    let per_rank = run_ranks(world, Duration::from_secs(600), |comm: LocalComm| -> Result<_, BoxError> {
+        let rank = comm.rank();
+        let mut engine = Engine::new(Gpt2::new(config.clone())?, comm, 1, device.clone(), options)?;
+        let slice = |v: &[u32]| Tensor::from_slice(&v[rank * rows * seq_len..(rank + 1) * rows * seq_len], (rows, seq_len), &device);
+        let micro = MicroBatch { inputs: slice(&inputs)?, targets: slice(&targets)? };
+        let mut runs: Vec<(StepStats, f64)> = Vec::new();
+        for i in 0..opts.warmup + opts.steps {
+            let t0 = std::time::Instant::now();
+            let stats = engine.train_step(std::slice::from_ref(&micro), 1e-4, &hyper, 1.0)?;
+            let total = t0.elapsed().as_secs_f64();
+            if i >= opts.warmup {
+                runs.push((stats, total));
+            }
         }
-    }
+        Ok((runs, engine.memory_report()))
+    })
+    .map_err(|e| -> BoxError { e.to_string().into() })?;
+    let memory = per_rank.iter().map(|r| r.1).collect();
+    let runs = per_rank.into_iter().next().map(|r| r.0).unwrap_or_default();
     let step_s = median(runs.iter().map(|r| r.1).collect());
     let flops = config.train_flops_per_token(seq_len) * (batch * seq_len) as f64;
     Ok(BenchResult {
@@ -89,6 +111,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
         config,
         batch,
         seq_len,
+        memory,
     })
 }
 
@@ -96,7 +119,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
 pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
     let pct = |x: f64| 100.0 * x / r.step_s;
     format!(
-        "model {} ({:.1}M params), batch {} x {}, {} timed steps after {} warmup, {} threads\n\
+        "model {} ({:.1}M params), batch {} x {}, world {}, ZeRO stage {}, recompute {}, {} timed steps after {} warmup, {} threads\n\
          | phase     | median s | share |\n|-----------|----------|-------|\n\
          | forward   | {:8.3} | {:4.0}% |\n| backward  | {:8.3} | {:4.0}% |\n| optimizer | {:8.3} | {:4.0}% |\n\
          | step      | {:8.3} |  100% |\n\
@@ -105,6 +128,9 @@ pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
         r.config.num_params() as f64 / 1e6,
         r.batch,
         r.seq_len,
+        opts.world,
+        opts.stage,
+        opts.recompute,
         opts.steps,
         opts.warmup,
         rayon::current_num_threads(),
@@ -118,4 +144,37 @@ pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
         r.tokens_per_s,
         r.gflops
     )
+}
+
+/// `bench --sweep-stages`: stages 0-3 (stage 3 with and without recompute) at `opts.world`,
+/// step time relative to stage 0 and rank 0's memory.
+pub fn format_sweep(opts: &BenchOptions, results: &[(u8, bool, BenchResult)]) -> String {
+    let base = results.first().map(|r| r.2.step_s).unwrap_or(f64::NAN);
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mut out = format!(
+        "model {}, batch {} x {}, world {}, {} timed steps after {} warmup, {} threads\n\
+         | stage | recompute | step s | vs stage 0 | fwd s | bwd s | opt s | rank 0 model state MiB | rank 0 peak gathered MiB |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        opts.preset,
+        results.first().map(|r| r.2.batch).unwrap_or(0),
+        results.first().map(|r| r.2.seq_len).unwrap_or(0),
+        opts.world,
+        opts.steps,
+        opts.warmup,
+        rayon::current_num_threads()
+    );
+    for (stage, recompute, r) in results {
+        let m = r.memory.first().copied().unwrap_or_default();
+        out += &format!(
+            "| {stage} | {recompute} | {:.3} | {:+.1}% | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} |\n",
+            r.step_s,
+            100.0 * (r.step_s / base - 1.0),
+            r.forward_s,
+            r.backward_s,
+            r.optimizer_s,
+            mib(m.model_state_bytes()),
+            mib(m.peak_gathered_bytes)
+        );
+    }
+    out
 }

@@ -10,6 +10,7 @@ pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod engine;
+pub mod estimate;
 pub mod layout;
 pub mod metrics;
 pub mod model_io;

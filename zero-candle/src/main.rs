@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use zero_candle::bench::{format_table, run_bench, BenchOptions};
+use zero_candle::bench::{format_sweep, format_table, run_bench, BenchOptions};
 use zero_candle::config::{Config, SampleConfig};
 use zero_candle::cpu::init_compute_threads;
+use zero_candle::estimate::{format_estimate, Sizes};
 use zero_candle::train::{run_sample, run_training, BoxError};
 
 #[derive(Parser)]
@@ -65,6 +66,21 @@ enum Command {
         #[arg(long, default_value_t = 1337)]
         seed: u64,
     },
+    /// Model-state bytes per rank for ZeRO stages 0-3 (from a parameter count or a preset's layout).
+    Estimate {
+        /// Parameter count, e.g. 7.5e9.
+        #[arg(long)]
+        params: Option<f64>,
+        /// A preset (char-small, gpt2-mini, gpt2-124m): uses its real layout, padding included.
+        #[arg(long)]
+        model: Option<String>,
+        /// Vocabulary size for --model (default 50257).
+        #[arg(long, default_value_t = 50257)]
+        vocab: usize,
+        /// Ranks.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+    },
     /// Time training steps of a preset on random tokens (forward / backward / optimizer).
     Bench {
         /// char-small, gpt2-mini or gpt2-124m.
@@ -86,6 +102,17 @@ enum Command {
         /// Compute threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Ranks (threads), each with batch / world rows.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        #[arg(long, default_value_t = 0)]
+        zero_stage: u8,
+        /// Stage 3: recompute blocks in the backward.
+        #[arg(long)]
+        recompute: bool,
+        /// Run stages 0, 1, 2, 3 (recompute off and on) and print one table relative to stage 0.
+        #[arg(long)]
+        sweep_stages: bool,
     },
 }
 
@@ -122,14 +149,34 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             let text = run_sample(&model, &cfg, seed)?;
             println!("{prompt}{text}");
         }
-        Command::Bench { model, batch, seq_len, vocab, steps, warmup, threads } => {
+        Command::Estimate { params, model, vocab, world } => {
+            if world == 0 {
+                return Err("--world must be at least 1".into());
+            }
+            let (sizes, what) = match (params, model) {
+                (Some(p), None) if p > 0.0 => (Sizes::from_params(p), "parameter count".to_string()),
+                (None, Some(m)) => (Sizes::from_preset(&m, vocab, world)?, format!("preset {m} (vocab {vocab})")),
+                _ => return Err("give exactly one of --params N (> 0) or --model PRESET".into()),
+            };
+            print!("{}", format_estimate(&sizes, world, &what));
+        }
+        Command::Bench { model, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages } => {
             init_compute_threads(threads);
             if steps == 0 {
                 return Err("--steps must be at least 1".into());
             }
-            let opts = BenchOptions { preset: model, batch, seq_len, vocab, steps, warmup };
-            let result = run_bench(&opts)?;
-            println!("{}", format_table(&opts, &result));
+            let opts = BenchOptions { preset: model, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute };
+            if sweep_stages {
+                let mut results = Vec::new();
+                for (stage, recompute) in [(0, false), (1, false), (2, false), (3, false), (3, true)] {
+                    let o = BenchOptions { stage, recompute, ..opts.clone() };
+                    results.push((stage, recompute, run_bench(&o)?));
+                }
+                println!("{}", format_sweep(&opts, &results));
+            } else {
+                let result = run_bench(&opts)?;
+                println!("{}", format_table(&opts, &result));
+            }
         }
     }
     Ok(())

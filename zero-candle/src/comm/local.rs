@@ -203,8 +203,9 @@ enum Progress {
     Failed(CommErrorKind),
 }
 
-/// Where the ticket's slot stands: a peer's mismatched call, then a failed rank, then complete,
-/// then a departed rank that has not contributed.
+/// Where the ticket's slot stands: a peer's mismatched call, then complete (every rank has
+/// contributed, so the result is sound even if a rank failed since), then a failed rank, then a
+/// departed rank that has not contributed.
 fn check(state: &State, ticket: &Ticket) -> Progress {
     let Some(slot) = state.slots.get(&ticket.seq) else {
         return Progress::Failed(CommErrorKind::BadArgument("its slot vanished".into()));
@@ -218,12 +219,12 @@ fn check(state: &State, ticket: &Ticket) -> Progress {
             return Progress::Failed(kind);
         }
     }
-    if let Some((rank, reason)) = state.failures.first() {
-        return Progress::Failed(CommErrorKind::RankFailed { rank: *rank, reason: reason.clone() });
-    }
     let missing: Vec<usize> = (0..slot.calls.len()).filter(|&r| slot.calls[r].is_none()).collect();
     if missing.is_empty() {
         return Progress::Ready(slot.data.clone());
+    }
+    if let Some((rank, reason)) = state.failures.first() {
+        return Progress::Failed(CommErrorKind::RankFailed { rank: *rank, reason: reason.clone() });
     }
     match missing.iter().find(|&&r| state.departed.get(r).copied().unwrap_or(false)) {
         Some(&rank) => Progress::Failed(CommErrorKind::RankLeft { rank }),
