@@ -244,14 +244,22 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         self.units[unit].layout.numel * dtype_bytes(self.options.compute_dtype)
     }
 
-    /// Compute-dtype Vars of a unit from its full flat f32 values.
+    /// Compute-dtype Vars of a unit from its full flat f32 values (one copy per parameter: the
+    /// values are converted straight into the Vec the Var takes over).
     fn vars_from_full(&self, unit: usize, full: &[f32]) -> Result<Vec<Var>> {
         let dtype = self.options.compute_dtype;
         self.units[unit]
             .layout
             .params
             .iter()
-            .map(|slot| Var::from_tensor(&Tensor::from_slice(&full[slot.range()], slot.shape.as_slice(), &self.device)?.to_dtype(dtype)?))
+            .map(|slot| {
+                let values = &full[slot.range()];
+                let shape = slot.shape.as_slice();
+                match dtype {
+                    DType::BF16 => Var::from_vec(values.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), shape, &self.device),
+                    _ => Var::from_vec(values.to_vec(), shape, &self.device),
+                }
+            })
             .collect()
     }
 

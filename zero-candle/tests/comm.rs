@@ -140,7 +140,11 @@ fn broadcast_copies_the_root_buffer_to_every_rank_at_worlds_1_to_4() {
             })
             .unwrap();
             for (rank, buf) in results.iter().enumerate() {
-                assert_eq!(buf, &exact_values(root, PER_RANK), "world {world} root {root} rank {rank}");
+                assert_eq!(
+                    buf,
+                    &exact_values(root, PER_RANK),
+                    "world {world} root {root} rank {rank}"
+                );
             }
         }
     }
@@ -235,11 +239,14 @@ fn async_gather_deposits_at_call_time_so_peers_finish_while_this_rank_computes()
             let block1 = comm.all_gather_async(shard.iter().map(|x| -x).collect(), "block.1")?;
             let start = Instant::now();
             let mut work = 0f64;
-            while peers_done.load(Ordering::SeqCst) < WORLD - 1 {
+            loop {
                 work += (0..1000).map(|i| (i as f64).sqrt()).sum::<f64>();
+                if peers_done.load(Ordering::SeqCst) == WORLD - 1 {
+                    break;
+                }
                 assert!(start.elapsed() < Duration::from_secs(10), "peers never finished");
             }
-            assert!(work > 0.0);
+            assert!(work > 21_000.0); // sum of sqrt(i), i < 1000, is about 21065
             let full1 = block1.wait()?; // waited out of order
             let full0 = block0.wait()?;
             Ok((full0, full1))
@@ -302,7 +309,8 @@ fn timeout_names_op_seq_unit_rank_and_the_missing_rank_within_twice_the_timeout(
         result
     })
     .unwrap_err();
-    let message = "all_gather #1 (unit block.3) on rank 1: timed out after 0.2 s waiting for ranks [0]";
+    let message =
+        "all_gather #1 (unit block.3) on rank 1: timed out after 0.2 s waiting for ranks [0]";
     assert_eq!(err, RankError { rank: 1, panicked: false, message: message.to_string() });
     let elapsed = seen.lock().unwrap().unwrap();
     assert!(elapsed >= timeout && elapsed < 2 * timeout, "timed out after {elapsed:?}");
@@ -341,7 +349,10 @@ fn a_rank_returning_err_fails_its_peers_fast_and_is_the_reported_cause() {
     let expected: Vec<(usize, String)> = [0, 2, 3]
         .iter()
         .map(|&r| {
-            let m = format!("all_reduce_sum #2 (unit block.2) on rank {r}: rank 1 failed: {}", "loss is NaN at step 2");
+            let m = format!(
+                "all_reduce_sum #2 (unit block.2) on rank {r}: rank 1 failed: {}",
+                "loss is NaN at step 2"
+            );
             (r, m)
         })
         .collect();
@@ -400,13 +411,17 @@ fn mismatched_ops_at_the_same_sequence_number_fail_every_rank_naming_the_other_c
     assert!(start.elapsed() < Duration::from_secs(5));
     let errors = errors.into_inner().unwrap();
     assert_eq!(
-        errors,
-        vec![
+        errors[..2],
+        [
             "all_gather #1 (unit block.3) on rank 0: rank 2 called reduce_scatter_sum #1 (unit root) instead",
             "all_gather #1 (unit block.3) on rank 1: rank 2 called reduce_scatter_sum #1 (unit root) instead",
-            "reduce_scatter_sum #1 (unit root) on rank 2: rank 0 called all_gather #1 (unit block.3) instead",
         ]
     );
+    // Rank 2 names the lowest-numbered rank that had arrived when it looked.
+    let rank2 = |r: usize| {
+        format!("reduce_scatter_sum #1 (unit root) on rank 2: rank {r} called all_gather #1 (unit block.3) instead")
+    };
+    assert!(errors[2] == rank2(0) || errors[2] == rank2(1), "{}", errors[2]);
     assert!(errors.contains(&err.message), "root cause {err} is one of the mismatch errors");
 }
 
@@ -460,7 +475,10 @@ fn a_comm_dropped_while_its_thread_panics_aborts_with_panicked() {
     });
     assert!(joined.is_err());
     assert!(start.elapsed() < Duration::from_secs(5));
-    assert_eq!(err.to_string(), "all_reduce_sum #0 (unit block.0) on rank 0: rank 1 failed: panicked");
+    assert_eq!(
+        err.to_string(),
+        "all_reduce_sum #0 (unit block.0) on rank 0: rank 1 failed: panicked"
+    );
 }
 
 #[test]
@@ -497,7 +515,10 @@ fn inconsistent_buffer_sizes_on_one_rank_are_reported_without_waiting() {
         "all_gather #1 (unit block.1) on rank 0: full length 5 is not world_size 2 x shard length 3"
     );
     let err = comm.broadcast(&mut [0f32; 3], 2, "root").unwrap_err();
-    assert_eq!(err.to_string(), "broadcast #2 (unit root) on rank 0: root 2 is not a rank of a group of 2");
+    assert_eq!(
+        err.to_string(),
+        "broadcast #2 (unit root) on rank 0: root 2 is not a rank of a group of 2"
+    );
     let err = comm.reduce_scatter_sum_async(vec![1f32; 7], "block.1").unwrap_err();
     assert_eq!(
         err.to_string(),

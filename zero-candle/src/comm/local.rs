@@ -118,7 +118,8 @@ impl LocalComm {
             data: vec![None; n],
             released: vec![false; n],
         });
-        let call = Call { op: ticket.op, unit: ticket.unit.clone(), len, elem: type_name::<T>(), root };
+        let call =
+            Call { op: ticket.op, unit: ticket.unit.clone(), len, elem: type_name::<T>(), root };
         slot.calls[self.rank] = Some(call);
         slot.data[self.rank] = data.map(|d| Arc::new(d) as Data);
         let claim = Claim { shared: self.shared.clone(), ticket };
@@ -371,14 +372,20 @@ impl Comm for LocalComm {
         let n = self.shared.world_size;
         if input.len() != n * output.len() {
             let (i, o) = (input.len(), output.len());
-            return Err(t.bad(format!("input length {i} is not world_size {n} x output length {o}")));
+            return Err(
+                t.bad(format!("input length {i} is not world_size {n} x output length {o}"))
+            );
         }
         let (t, data) = self.exchange(t, input.len(), 0, Some(input.to_vec()))?;
         sum_in_rank_order(&t, &parts::<T>(&t, &data)?, self.rank * output.len(), output)
     }
 
-    fn all_gather<T: Element>(&self, shard: &[T], full: &mut [T], unit: &str)
-        -> Result<(), CommError> {
+    fn all_gather<T: Element>(
+        &self,
+        shard: &[T],
+        full: &mut [T],
+        unit: &str,
+    ) -> Result<(), CommError> {
         let t = self.start(Op::AllGather, unit);
         let n = self.shared.world_size;
         if full.len() != n * shard.len() {
@@ -390,8 +397,12 @@ impl Comm for LocalComm {
         Ok(())
     }
 
-    fn broadcast<T: Element>(&self, buf: &mut [T], root: usize, unit: &str)
-        -> Result<(), CommError> {
+    fn broadcast<T: Element>(
+        &self,
+        buf: &mut [T],
+        root: usize,
+        unit: &str,
+    ) -> Result<(), CommError> {
         let t = self.start(Op::Broadcast, unit);
         let n = self.shared.world_size;
         if root >= n {
@@ -414,8 +425,11 @@ impl Comm for LocalComm {
         self.exchange::<u32>(t, 0, 0, None).map(|_| ())
     }
 
-    fn all_gather_async<T: Element>(&self, shard: Vec<T>, unit: &str)
-        -> Result<Pending<T>, CommError> {
+    fn all_gather_async<T: Element>(
+        &self,
+        shard: Vec<T>,
+        unit: &str,
+    ) -> Result<Pending<T>, CommError> {
         let t = self.start(Op::AllGather, unit);
         let len = shard.len() * self.shared.world_size;
         let claim = self.deposit(t, shard.len(), 0, Some(shard))?;
@@ -434,7 +448,7 @@ impl Comm for LocalComm {
     ) -> Result<Pending<T>, CommError> {
         let t = self.start(Op::ReduceScatterSum, unit);
         let n = self.shared.world_size;
-        if n == 0 || input.len() % n != 0 {
+        if n == 0 || !input.len().is_multiple_of(n) {
             let i = input.len();
             return Err(t.bad(format!("input length {i} is not a multiple of world_size {n}")));
         }

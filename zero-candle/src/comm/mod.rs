@@ -4,11 +4,11 @@
 //!
 //! Design, after the ZeRO paper (Rajbhandari et al. 2020, arXiv:1910.02054) and torchtitan's
 //! collectives with a timeout:
-//! - Reductions add contributions in rank order, starting from rank 0's value: `((x0 + x1) + x2)
-//!   + ...`. Float addition is not associative, so a sum in arrival order would change in the last
-//!   bits from run to run; in rank order it is bitwise reproducible, every rank gets the same bits,
-//!   and at world size 1 the result is the input unchanged. This is what lets the tests compare
-//!   ZeRO stages bitwise.
+//! - Reductions add contributions in rank order, starting from rank 0's value, as in
+//!   `((x0 + x1) + x2) + x3`. Float addition is not associative, so a sum in arrival order would
+//!   change in the last bits from run to run; in rank order it is bitwise reproducible, every rank
+//!   gets the same bits, and at world size 1 the result is the input unchanged. This is what lets
+//!   the tests compare ZeRO stages bitwise.
 //! - Every collective carries a sequence number (one counter per communicator, advanced on every
 //!   call, so it is the same on all ranks of a correct program) and the sharding unit it moves.
 //!   Ranks that call different ops, element types or lengths at the same number fail at once with
@@ -115,16 +115,27 @@ pub trait Comm: Send {
         unit: &str,
     ) -> Result<(), CommError>;
     /// `full.len() == world_size * shard.len()`; `full` becomes every rank's shard in rank order.
-    fn all_gather<T: Element>(&self, shard: &[T], full: &mut [T], unit: &str)
-        -> Result<(), CommError>;
+    fn all_gather<T: Element>(
+        &self,
+        shard: &[T],
+        full: &mut [T],
+        unit: &str,
+    ) -> Result<(), CommError>;
     /// Copies `root`'s `buf` into every other rank's `buf`.
-    fn broadcast<T: Element>(&self, buf: &mut [T], root: usize, unit: &str)
-        -> Result<(), CommError>;
+    fn broadcast<T: Element>(
+        &self,
+        buf: &mut [T],
+        root: usize,
+        unit: &str,
+    ) -> Result<(), CommError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&self, unit: &str) -> Result<(), CommError>;
     /// `all_gather` with `shard` deposited now; `wait` returns the full buffer.
-    fn all_gather_async<T: Element>(&self, shard: Vec<T>, unit: &str)
-        -> Result<Pending<T>, CommError>;
+    fn all_gather_async<T: Element>(
+        &self,
+        shard: Vec<T>,
+        unit: &str,
+    ) -> Result<Pending<T>, CommError>;
     /// `reduce_scatter_sum` with `input` deposited now; `wait` returns this rank's summed shard.
     fn reduce_scatter_sum_async<T: Summable>(
         &self,
