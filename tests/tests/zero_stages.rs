@@ -208,3 +208,46 @@ fn a_failing_rank_ends_the_run_with_its_error_quickly() {
     assert!(msg.contains('1'), "names rank 1: {msg}");
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?} (timeout 20 s)", start.elapsed());
 }
+
+#[test]
+fn f16_with_loss_scaling_trains_within_stated_tolerance_of_f32() {
+    // f16 activations and parameters (10-bit mantissa) with the default scale 2^16: no overflow on
+    // this model, losses within 2% of f32, and stage 3 still equal to stage 0 bitwise.
+    let f32_run = train(2, 0, false, 1, DType::F32);
+    let f16_stage0 = train(2, 0, false, 1, DType::F16);
+    for (x, y) in f16_stage0.losses.iter().zip(&f32_run.losses) {
+        assert!((x - y).abs() < 0.02 * y, "f16 loss {x} vs f32 {y}");
+    }
+    assert!(f16_stage0.losses[2] < f16_stage0.losses[0] - 0.05, "f16 steps were taken: {:?}", f16_stage0.losses);
+    assert_bitwise(&train(2, 3, true, 1, DType::F16), &f16_stage0, "f16 stage 3 vs stage 0");
+}
+
+#[test]
+fn f16_overflow_skips_the_step_on_every_rank_and_lowers_the_scale() {
+    use zero_candle::precision::LossScaler;
+    let batches = global_batches(3, 1);
+    let hyper = AdamWHyper::default();
+    let results = run_ranks(2, Duration::from_secs(30), |comm: LocalComm| -> Result<_> {
+        let rank = comm.rank();
+        let options = EngineOptions { stage: ZeroStage::new(2).unwrap(), recompute: false, compute_dtype: DType::F16 };
+        let mut engine = Engine::new(Gpt2::new(tiny())?, comm, 3, Device::Cpu, options)?;
+        // A scale of 2^40 overflows f16 (max 65504) in the first backward.
+        engine.loss_scaler = Some(LossScaler::new(2f64.powi(40), 1000, 2, 1.0));
+        let before = engine.full_parameters()?;
+        let mut log = Vec::new();
+        for step in &batches {
+            let (i, t) = &step[0];
+            let s = engine.train_step(&[MicroBatch { inputs: rows(i, rank, 2), targets: rows(t, rank, 2) }], 1e-2, &hyper, 1.0)?;
+            log.push((s.skipped, s.loss_scale));
+        }
+        let unchanged = engine.full_parameters()? == before;
+        Ok((log, unchanged, engine.step))
+    })
+    .unwrap();
+    for (log, unchanged, steps_taken) in &results {
+        // Overflow, overflow (hysteresis 2 absorbs the first, then the scale halves), overflow.
+        assert_eq!(log, &vec![(true, 2f64.powi(40)), (true, 2f64.powi(40)), (true, 2f64.powi(39))]);
+        assert!(unchanged, "a skipped step must not change the parameters");
+        assert_eq!(*steps_taken, 0);
+    }
+}

@@ -129,8 +129,9 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// Compute threads (rayon); 0 = all cores. Default 0.
     pub threads: usize,
-    /// Compute dtype: "f32" or "bf16" (master weights, moments, gradients and reductions stay
-    /// f32). Default "f32".
+    /// Compute dtype: "f32", "bf16", or "f16" with dynamic loss scaling (start 2^16, window 1000,
+    /// hysteresis 2, minimum 1; a step whose gradients overflow on any rank is skipped). Master
+    /// weights, moments, gradients and reductions stay f32. Default "f32".
     pub precision: String,
 }
 
@@ -256,8 +257,8 @@ impl Config {
         if !(p.comm_timeout_s > 0.0 && p.comm_timeout_s.is_finite()) {
             return bad("parallel.comm_timeout_s", "must be a positive number of seconds");
         }
-        if !matches!(t.precision.as_str(), "f32" | "bf16") {
-            return bad("train.precision", "must be \"f32\" or \"bf16\"");
+        if !matches!(t.precision.as_str(), "f32" | "bf16" | "f16") {
+            return bad("train.precision", "must be \"f32\", \"bf16\" or \"f16\"");
         }
         if self.sample.temperature < 0.0 {
             return bad("sample.temperature", "must be >= 0 (0 = greedy)");

@@ -22,6 +22,7 @@ use models::{BlockModel, Carry, Init};
 
 use crate::comm::{Comm, Pending};
 use crate::layout::FlatLayout;
+use crate::precision::LossScaler;
 use crate::rng::SplitMix64;
 use crate::stage::{Buffer, ZeroStage};
 
@@ -32,7 +33,8 @@ pub struct EngineOptions {
     /// Stage 3: re-gather and recompute each block in the backward (activation checkpointing)
     /// instead of keeping its graph and gathered parameters from the forward.
     pub recompute: bool,
-    /// Dtype the model computes in (f32 or bf16); master weights, moments and gradients are f32.
+    /// Dtype the model computes in (f32, bf16, or f16 with dynamic loss scaling); master
+    /// weights, moments, gradients and reductions are f32.
     pub compute_dtype: DType,
 }
 
@@ -78,6 +80,10 @@ pub struct StepStats {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// f16: the loss scale used for this step, and whether the step was skipped because a
+    /// gradient overflowed on some rank.
+    pub loss_scale: f64,
+    pub skipped: bool,
 }
 
 /// Bytes of model state this rank holds (persistent), and the peak of gathered parameters.
@@ -108,6 +114,8 @@ pub struct Engine<M: BlockModel, C: Comm> {
     pub device: Device,
     /// Optimizer steps taken.
     pub step: u64,
+    /// Dynamic loss scaling (f16 compute only).
+    pub loss_scaler: Option<LossScaler>,
     gathered_now: usize,
     gathered_peak: usize,
 }
@@ -201,16 +209,17 @@ fn init_range(layout: &FlatLayout, range: &Range<usize>, seed: u64) -> Vec<f32> 
 impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// Initialize this rank's part of every unit from `seed`.
     pub fn new(model: M, comm: C, seed: u64, device: Device, options: EngineOptions) -> Result<Self> {
-        if !matches!(options.compute_dtype, DType::F32 | DType::BF16) {
-            bail!("compute dtype {:?} is not supported; use f32 or bf16", options.compute_dtype);
+        if !matches!(options.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("compute dtype {:?} is not supported; use f32, bf16 or f16", options.compute_dtype);
         }
+        let loss_scaler = (options.compute_dtype == DType::F16).then(LossScaler::default);
         let (rank, world) = (comm.rank(), comm.world_size());
         let units: Vec<UnitState> = model
             .units()
             .iter()
             .map(|spec| UnitState::new(FlatLayout::new(spec, world), rank, world, options.stage, seed))
             .collect();
-        let mut engine = Self { model, comm, options, units, device, step: 0, gathered_now: 0, gathered_peak: 0 };
+        let mut engine = Self { model, comm, options, units, device, step: 0, loss_scaler, gathered_now: 0, gathered_peak: 0 };
         engine.refresh_params()?;
         Ok(engine)
     }
@@ -257,6 +266,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                 let shape = slot.shape.as_slice();
                 match dtype {
                     DType::BF16 => Var::from_vec(values.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), shape, &self.device),
+                    DType::F16 => Var::from_vec(values.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>(), shape, &self.device),
                     _ => Var::from_vec(values.to_vec(), shape, &self.device),
                 }
             })
@@ -319,7 +329,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     pub fn train_step(&mut self, micro_batches: &[MicroBatch], lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<StepStats> {
         let mut stats = self.compute_gradients(micro_batches)?;
         let t0 = Instant::now();
-        self.apply_update(&stats, lr, hyper, grad_clip)?;
+        self.apply_update(&mut stats, lr, hyper, grad_clip)?;
         stats.optimizer_s = t0.elapsed().as_secs_f64();
         Ok(stats)
     }
@@ -343,9 +353,13 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             unit.grad.clear();
             unit.grad.resize(unit.grad_range.len(), 0.0);
         }
+        // f16: the loss is multiplied by the scale (its divisor divided by it), so gradients are
+        // scaled too; they are unscaled in the norm and in AdamW's grad_scale.
+        let scale = self.loss_scaler.map_or(1.0, |s| s.scale);
+        stats.loss_scale = scale;
         let mut local_loss = 0.0;
         for micro in micro_batches {
-            local_loss += self.forward_backward(micro, counts[0], &mut stats)?;
+            local_loss += self.forward_backward(micro, counts[0] / scale, &mut stats)? / scale;
         }
 
         // Stages 0-1 reduce once per step; stages 2-3 already reduce-scattered per block.
@@ -362,7 +376,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                 }
             }
         }
-        // The norm over this rank's shard range, summed over ranks: the same arithmetic at every stage.
+        // The norm over this rank's shard range, summed over ranks: the same arithmetic at every
+        // stage. A non-finite gradient anywhere makes the sum non-finite on every rank, which is
+        // how all ranks agree on an overflow.
         let mut sums = [local_loss, 0.0];
         for unit in &self.units {
             let local = intersect(&unit.shard, &unit.opt_range);
@@ -372,13 +388,19 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         self.comm.all_reduce_sum(&mut sums, "step").map_err(cerr)?;
         stats.backward_s += t0.elapsed().as_secs_f64();
         stats.loss = sums[0];
-        stats.grad_norm = sums[1].sqrt();
+        stats.grad_norm = sums[1].sqrt() / scale;
         Ok(stats)
     }
 
     /// Clip by the global norm in `stats` and apply one AdamW step to this rank's master weights
     /// (weight decay on 2-D parameters only), then refresh the held parameters.
-    pub fn apply_update(&mut self, stats: &StepStats, lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<()> {
+    pub fn apply_update(&mut self, stats: &mut StepStats, lr: f64, hyper: &AdamWHyper, grad_clip: f64) -> Result<()> {
+        if let Some(scaler) = self.loss_scaler.as_mut() {
+            stats.skipped = scaler.update(!stats.grad_norm.is_finite());
+            if stats.skipped {
+                return Ok(());
+            }
+        }
         if !stats.grad_norm.is_finite() {
             bail!(
                 "step {}: the gradient norm is {} (loss {}); lower train.lr or check the data",
@@ -388,6 +410,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             );
         }
         let clip_scale = if grad_clip > 0.0 && stats.grad_norm > grad_clip { grad_clip / (stats.grad_norm + 1e-6) } else { 1.0 };
+        let grad_scale = clip_scale / stats.loss_scale.max(1.0);
         self.step += 1;
         for unit in &mut self.units {
             let base = unit.opt_range.start;
@@ -405,7 +428,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                     &mut unit.exp_avg_sq[local],
                     &hp,
                     self.step,
-                    clip_scale as f32,
+                    grad_scale as f32,
                 )?;
             }
         }

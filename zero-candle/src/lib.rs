@@ -14,6 +14,7 @@ pub mod estimate;
 pub mod layout;
 pub mod metrics;
 pub mod model_io;
+pub mod precision;
 pub mod rng;
 pub mod sample;
 pub mod schedule;

@@ -82,6 +82,7 @@ pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
     let stage = ZeroStage::new(cfg.parallel.zero_stage)?;
     let compute_dtype = match cfg.train.precision.as_str() {
         "bf16" => DType::BF16,
+        "f16" => DType::F16,
         _ => DType::F32,
     };
     Ok(EngineOptions { stage, recompute: cfg.parallel.recompute.unwrap_or(stage.get() == 3), compute_dtype })
@@ -197,9 +198,13 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
             m.write(serde_json::json!({
                 "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                 "step_s": step_s, "tokens_per_s": stats.tokens as f64 / step_s, "elapsed_s": elapsed,
+                "loss_scale": stats.loss_scale, "skipped": stats.skipped,
             }))?;
             bar.set_position(step as u64);
             bar.set_message(format!("loss {:.4} | {:.0} tok/s", stats.loss, tok_s));
+            if stats.skipped {
+                log_line(&bar, format!("step {step:>5} | gradient overflow at loss scale {}: step skipped, scale lowered", stats.loss_scale));
+            }
             if t.log_interval > 0 && (step % t.log_interval == 0 || step == 1) {
                 log_line(&bar, format!(
                     "step {step:>5} | loss {:.4} | lr {lr:.2e} | grad norm {:.3} | {:.0} ms | {tok_s:.0} tok/s",

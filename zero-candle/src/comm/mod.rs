@@ -81,7 +81,8 @@ impl<T> Pending<T> {
         Pending { finish: Box::new(finish) }
     }
 
-    /// Blocks until every peer has contributed, then returns the result.
+    /// Blocks until every peer has contributed, then returns the result. The group's timeout
+    /// counts from this call, not from the deposit, so overlapped work never eats into it.
     pub fn wait(self) -> Result<Vec<T>, CommError> {
         (self.finish)()
     }
