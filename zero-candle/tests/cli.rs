@@ -91,3 +91,35 @@ fn prepare_writes_a_dataset_and_sample_rejects_a_missing_model() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model"));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn zero_stage3_at_world2_trains_and_reports_per_rank_memory() {
+    let out = temp("zero3");
+    let o = zero_candle(&[
+        "train", "--world", "2", "--zero-stage", "3",
+        "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+        "--set", "train.seq_len=16", "--set", "train.batch_size=4", "--set", "train.max_steps=5",
+        "--set", "train.eval_batches=2", "--set", "sample.max_new_tokens=5",
+        "--set", &format!("train.out_dir={}", out.display()),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("world 2, ZeRO stage 3, recompute true"), "{stdout}");
+    let recs = records(&out.join("metrics.jsonl"));
+    let memory: Vec<&serde_json::Value> = recs.iter().filter(|r| r["event"] == "memory" && r["when"] == "after step 1").collect();
+    assert_eq!(memory.len(), 2, "one memory record per rank");
+    for m in memory {
+        assert_eq!(m["params_bytes"].as_f64(), Some(0.0), "stage 3 keeps no parameters between steps: {m}");
+        assert!(m["peak_gathered_bytes"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    assert_eq!(recs.iter().filter(|r| r.get("loss").is_some() && r.get("step").is_some()).count(), 5);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn batch_not_divisible_by_world_exits_nonzero_naming_both() {
+    let o = zero_candle(&["train", "--world", "3", "--set", "train.batch_size=16"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("train.batch_size") && err.contains("world_size"), "{err}");
+}
