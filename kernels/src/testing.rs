@@ -61,3 +61,19 @@ pub fn finite_difference_grad(x: &Tensor, eps: f64, f: impl Fn(&Tensor) -> Resul
     }
     Tensor::from_vec(grad, shape, x.device())
 }
+
+/// `n` deterministic values uniform in [-1, 1) from SplitMix64 seeded by `seed`, so that test
+/// inputs reproduce exactly across runs and machines.
+pub fn uniform_values(n: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            2.0 * (z >> 11) as f64 / (1u64 << 53) as f64 - 1.0
+        })
+        .collect()
+}

@@ -8,17 +8,7 @@ use kernels::{adamw_step, adamw_step_reference, AdamWHyper};
 
 /// Reproducible uniform values in [offset - scale, offset + scale) (splitmix64).
 fn pseudo_random(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            offset + scale * (2.0 * (z >> 11) as f64 / (1u64 << 53) as f64 - 1.0) as f32
-        })
-        .collect()
+    kernels::testing::uniform_values(n, seed).into_iter().map(|u| offset + scale * u as f32).collect()
 }
 
 fn t(v: &[f32]) -> Tensor {

@@ -12,18 +12,8 @@ type Loss = fn(&Tensor, &Tensor, Option<f64>) -> Result<Tensor>;
 
 /// Deterministic values in [-scale, scale) (splitmix64), so failures reproduce.
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
-        })
-        .collect();
+    let data: Vec<f32> = kernels::testing::uniform_values(n, seed).into_iter().map(|u| u as f32 * scale).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 

@@ -13,17 +13,7 @@ const EPS: f64 = 1e-5;
 /// cannot be seeded).
 fn pseudo_random(shape: &[usize], seed: u64, scale: f64, offset: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    let data: Vec<f64> = (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            offset + scale * (2.0 * (z >> 11) as f64 / (1u64 << 53) as f64 - 1.0)
-        })
-        .collect();
+    let data: Vec<f64> = kernels::testing::uniform_values(n, seed).into_iter().map(|u| offset + scale * u).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
