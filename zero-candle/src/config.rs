@@ -14,7 +14,29 @@ pub struct Config {
     pub data: DataConfig,
     pub train: TrainConfig,
     pub parallel: ParallelConfig,
+    pub checkpoint: CheckpointConfig,
     pub sample: SampleConfig,
+}
+
+/// `[checkpoint]`: sharded checkpoints in `<train.out_dir>/step_NNNNNN` (see docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every this many steps; 0 = only at the end and on SIGINT/SIGTERM. Default 500.
+    pub every_steps: usize,
+    /// Keep the newest this many checkpoints; 0 = keep all. Default 2.
+    pub keep_last: usize,
+    /// Save when the run reaches train.max_steps. Default true.
+    pub at_end: bool,
+    /// Resume from this checkpoint folder, or "latest" (the newest in train.out_dir). Any world
+    /// size and ZeRO stage can resume any checkpoint of the same model. Default "" (start fresh).
+    pub resume: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 500, keep_last: 2, at_end: true, resume: String::new() }
+    }
 }
 
 /// `[parallel]`: ranks and ZeRO sharding.

@@ -638,6 +638,33 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         })
     }
 
+    /// This rank's shard (`layout.shard_range` at the current world size) of a unit's master
+    /// weights and AdamW moments, as written to a checkpoint.
+    pub fn shard_state(&self, unit: usize) -> [&[f32]; 3] {
+        let u = &self.units[unit];
+        let r = u.shard.start - u.opt_range.start..u.shard.end - u.opt_range.start;
+        [&u.master[r.clone()], &u.exp_avg[r.clone()], &u.exp_avg_sq[r]]
+    }
+
+    /// Restore a unit's master weights and moments over this rank's `opt_range` (values are
+    /// checked for length), e.g. from a checkpoint saved at another world size or stage.
+    pub fn set_unit_state(&mut self, unit: usize, master: Vec<f32>, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>) -> Result<()> {
+        let u = &mut self.units[unit];
+        let n = u.opt_range.len();
+        if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
+            bail!("unit {}: restoring {} / {} / {} values over a range of {n}", u.layout.unit, master.len(), exp_avg.len(), exp_avg_sq.len());
+        }
+        (u.master, u.exp_avg, u.exp_avg_sq) = (master, exp_avg, exp_avg_sq);
+        Ok(())
+    }
+
+    /// After restoring every unit: set the optimizer step count and rebuild the held parameters
+    /// (a collective at stages 1-2).
+    pub fn finish_restore(&mut self, step: u64) -> Result<()> {
+        self.step = step;
+        self.refresh_params()
+    }
+
     /// Replace every parameter's master weights with `params` (name -> (shape, f32 values)); every
     /// parameter of the model must be present with its exact shape. Moments are reset.
     pub fn load_parameters(&mut self, params: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {

@@ -6,11 +6,13 @@
 //! `schedule`, `sample`, `model_io` (the model folder with Hugging Face names) and `bench`.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod estimate;
+pub mod export;
 pub mod layout;
 pub mod metrics;
 pub mod model_io;
@@ -18,6 +20,7 @@ pub mod precision;
 pub mod rng;
 pub mod sample;
 pub mod schedule;
+pub mod signals;
 pub mod stage;
 pub mod train;
 

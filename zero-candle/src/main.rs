@@ -27,6 +27,9 @@ enum Command {
         /// Override a config key, e.g. --set train.max_steps=200 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Resume from a checkpoint folder or `latest`; same as --set checkpoint.resume=...
+        #[arg(long)]
+        resume: Option<String>,
         /// Ranks (threads on the CPU); same as --set parallel.world_size=N.
         #[arg(long)]
         world: Option<usize>,
@@ -48,6 +51,14 @@ enum Command {
         /// Fraction of each file held out for validation.
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
+    },
+    /// Write a checkpoint (any world size and stage) as a Hugging Face model folder.
+    Export {
+        /// Checkpoint folder (<out_dir>/step_NNNNNN).
+        checkpoint: PathBuf,
+        /// Output folder (config.json, model.safetensors, tokenizer).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Continue a prompt with a trained model folder (<out_dir>/model).
     Sample {
@@ -118,7 +129,8 @@ enum Command {
 
 fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
-        Command::Train { config, mut overrides, world, zero_stage } => {
+        Command::Train { config, mut overrides, resume, world, zero_stage } => {
+            overrides.extend(resume.map(|r| format!("checkpoint.resume={}", toml::Value::String(r))));
             overrides.extend(world.map(|n| format!("parallel.world_size={n}")));
             overrides.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
             let cfg = Config::load(config.as_deref(), &overrides)?;
@@ -139,6 +151,10 @@ fn run(cli: Cli) -> Result<(), BoxError> {
                 m.val_tokens,
                 m.sources.len()
             );
+        }
+        Command::Export { checkpoint, out } => {
+            let n = zero_candle::export::export_checkpoint(&checkpoint, &out)?;
+            println!("exported {} ({n} parameters) to {}", checkpoint.display(), out.display());
         }
         Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
             init_compute_threads(0);

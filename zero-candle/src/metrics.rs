@@ -11,10 +11,10 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Create (truncate) `<dir>/metrics.jsonl`.
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
+    /// Create (truncate) `<dir>/metrics.jsonl`, or append to it (a resumed run).
+    pub fn open(dir: &Path, append: bool) -> std::io::Result<Self> {
         let path = dir.join("metrics.jsonl");
-        let file = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+        let file = OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(&path)?;
         Ok(Self { path, file: BufWriter::new(file) })
     }
 

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kernels::AdamWHyper;
 use models::{Gpt2, Gpt2Config};
 
+use crate::checkpoint;
 use crate::comm::{Comm, LocalComm};
 use crate::config::{Config, ModelConfig};
 use crate::engine::{Engine, EngineOptions, MicroBatch};
@@ -90,6 +91,7 @@ pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
 
 pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     crate::cpu::init_compute_threads(cfg.train.threads);
+    crate::signals::install();
     let out_dir = &cfg.train.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())
@@ -134,7 +136,20 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
         weight_decay: t.weight_decay as f32,
     };
     let tokens_per_step = t.batch_size * t.grad_accum_steps * seq_len;
-    let mut metrics = if main { Some(MetricsWriter::create(out_dir)?) } else { None };
+    // Resume: engine state (any saved world size and stage), data position, step count.
+    let (mut first_step, mut tokens_seen) = (1usize, 0usize);
+    let resume_from = if cfg.checkpoint.resume.is_empty() {
+        None
+    } else {
+        let dir = checkpoint::resolve(Path::new(&cfg.checkpoint.resume), out_dir)?;
+        let manifest = checkpoint::read_manifest(&dir)?;
+        checkpoint::restore(&mut engine, &dir, &manifest, &model_cfg)?;
+        loader.restore(&manifest.loader).map_err(|e| format!("resuming from {}: {e}", dir.display()))?;
+        first_step = manifest.step + 1;
+        tokens_seen = manifest.tokens_seen as usize;
+        Some((dir, manifest.world_size, manifest.zero_stage))
+    };
+    let mut metrics = if main { Some(MetricsWriter::open(out_dir, resume_from.is_some())?) } else { None };
     if main {
         println!(
             "model: gpt2 {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
@@ -161,6 +176,9 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
             "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}",
             options.stage, options.recompute, t.precision
         );
+        if let Some((dir, saved_world, saved_stage)) = &resume_from {
+            println!("resumed from {} (saved at world {saved_world}, stage {saved_stage}); continuing at step {first_step}", dir.display());
+        }
     }
     report_memory(&mut engine, metrics.as_mut(), "start")?;
     if let Some(m) = metrics.as_mut() {
@@ -176,10 +194,12 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| format!("progress bar template: {e}"))?,
     );
+    bar.set_position(first_step as u64 - 1);
     let start = Instant::now();
     let (mut last_loss, mut val_loss) = (f64::NAN, f64::NAN);
-    let mut tokens_seen = 0usize;
-    for step in 1..=t.max_steps {
+    let mut last_step = first_step - 1;
+    let tokens_at_start = tokens_seen;
+    for step in first_step..=t.max_steps {
         let lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         let micro: Vec<MicroBatch> = (0..t.grad_accum_steps)
             .map(|_| -> Result<MicroBatch, BoxError> { Ok(to_micro_batch(loader.next_batch().rank_rows(rank, world)?, &device)?) })
@@ -192,8 +212,9 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
         if step == 1 {
             report_memory(&mut engine, metrics.as_mut(), "after step 1")?;
         }
+        last_step = step;
         let elapsed = start.elapsed().as_secs_f64();
-        let tok_s = tokens_seen as f64 / elapsed;
+        let tok_s = (tokens_seen - tokens_at_start) as f64 / elapsed;
         if let Some(m) = metrics.as_mut() {
             m.write(serde_json::json!({
                 "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
@@ -219,10 +240,38 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
                 log_line(&bar, format!("step {step:>5} | val loss {val_loss:.4} | {:.1} min", start.elapsed().as_secs_f64() / 60.0));
             }
         }
+
+        // Checkpoint: every N steps, at the end, and when any rank saw SIGINT/SIGTERM.
+        let mut stop = [if crate::signals::stop_requested() { 1.0f64 } else { 0.0 }];
+        engine.comm.all_reduce_sum(&mut stop, "stop request")?;
+        let stop = stop[0] > 0.0;
+        let c = &cfg.checkpoint;
+        if stop || (c.every_steps > 0 && step % c.every_steps == 0) || (c.at_end && step == t.max_steps) {
+            let run = checkpoint::RunState {
+                step,
+                model: &model_cfg,
+                config_toml: cfg.to_toml(),
+                loader: loader.state(),
+                tokens_seen: tokens_seen as u64,
+                tokenizer: data.tokenizer(),
+                compute_dtype: t.precision.clone(),
+            };
+            let dir = checkpoint::save(&engine, out_dir, &run, c.keep_last)?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(serde_json::json!({"event": "checkpoint", "step": step, "path": dir}))?;
+                log_line(&bar, format!("step {step:>5} | checkpoint {}", dir.display()));
+            }
+        }
+        if stop {
+            if main {
+                log_line(&bar, format!("step {step:>5} | stop requested (SIGINT/SIGTERM): checkpoint saved, exiting"));
+            }
+            break;
+        }
     }
     bar.finish_and_clear();
     let elapsed_s = start.elapsed().as_secs_f64();
-    let tokens_per_s = tokens_seen as f64 / elapsed_s;
+    let tokens_per_s = (tokens_seen - tokens_at_start) as f64 / elapsed_s;
 
     // Gather the weights (a collective), then rank 0 saves and samples on its own.
     let params = engine.full_parameters()?;
@@ -239,18 +288,18 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
     let sample = sample_text(&mut solo, data.tokenizer(), &cfg.sample, seq_len, t.seed)?;
     if let Some(m) = metrics.as_mut() {
         m.write(serde_json::json!({
-            "event": "end", "steps": t.max_steps, "loss": last_loss, "val_loss": val_loss,
+            "event": "end", "steps": last_step, "loss": last_loss, "val_loss": val_loss,
             "elapsed_s": elapsed_s, "tokens_per_s": tokens_per_s, "model_dir": model_dir,
         }))?;
     }
     println!(
         "done: {} steps in {:.1} min, final train loss {last_loss:.4}, val loss {val_loss:.4}, {tokens_per_s:.0} tok/s",
-        t.max_steps,
+        last_step + 1 - first_step,
         elapsed_s / 60.0
     );
     println!("model written to {}", model_dir.display());
     println!("--- sample ---\n{}{}\n--------------", cfg.sample.prompt, sample);
-    Ok(Some(RunSummary { steps: t.max_steps, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir }))
+    Ok(Some(RunSummary { steps: last_step, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir }))
 }
 
 /// Every rank's memory report, gathered to rank 0, printed and written to the metrics.
