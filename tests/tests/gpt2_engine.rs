@@ -78,7 +78,7 @@ fn engine_block_by_block_gradients_match_monolithic_reference() {
     assert_eq!(vars.len(), 4 + 12 * cfg.n_layer);
     for (name, var) in &vars {
         let expected = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("reference has no gradient for {name}"));
-        let got = Tensor::from_slice(engine.gradient(name).unwrap().1, expected.shape(), &Device::Cpu).unwrap();
+        let got = Tensor::from_vec(engine.gradient(name).unwrap().1, expected.shape(), &Device::Cpu).unwrap();
         assert!(expected.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
         assert_close(&got, expected, tol, name);
     }

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use kernels::AdamWHyper;
 use models::{BlockModel, Carry, Gpt2, Gpt2Config, UnitSpec};
 use zero_candle::comm::{run_ranks, Comm, LocalComm};
+use zero_candle::grad::GradDtype;
 use zero_candle::{Engine, EngineOptions, MicroBatch, ZeroStage};
 
 fn tiny() -> Gpt2Config {
@@ -46,9 +47,13 @@ struct Run {
 }
 
 fn train(world: usize, stage: u8, recompute: bool, micro: usize, dtype: DType) -> Run {
+    train_with(world, stage, recompute, micro, dtype, GradDtype::F32)
+}
+
+fn train_with(world: usize, stage: u8, recompute: bool, micro: usize, dtype: DType, grad_dtype: GradDtype) -> Run {
     let batches = global_batches(3, micro);
     let hyper = AdamWHyper { lr: 1e-2, weight_decay: 0.1, beta2: 0.99, ..Default::default() };
-    let options = EngineOptions { stage: ZeroStage::new(stage).unwrap(), recompute, compute_dtype: dtype };
+    let options = EngineOptions { stage: ZeroStage::new(stage).unwrap(), recompute, compute_dtype: dtype, grad_dtype };
     let results = run_ranks(world, Duration::from_secs(30), |comm: LocalComm| -> Result<_> {
         let rank = comm.rank();
         let mut engine = Engine::new(Gpt2::new(tiny())?, comm, 3, Device::Cpu, options)?;
@@ -128,23 +133,27 @@ fn bf16_compute_trains_within_stated_tolerance_of_f32() {
 
 #[test]
 fn per_rank_model_state_bytes_follow_the_zero_formulas() {
+    // bf16 parameters and bf16 gradient buffers, fp32 master + 2 moments: exactly the ZeRO paper's
+    // 2 + 2 + 12 bytes per parameter: 16P, 4P + 12P/N, 2P + 14P/N, 16P/N (P padded to N).
     let units: Vec<UnitSpec> = Gpt2::new(tiny()).unwrap().units();
     let p: usize = units.iter().map(|u| u.numel()).sum();
     let world = 4;
     let padded: usize = units.iter().map(|u| u.numel().div_ceil(world) * world).sum();
     let block_bytes_bf16 = units[1].numel() * 2;
     let root_bytes_bf16 = units[0].numel() * 2;
+    let formula = [16 * padded, 4 * padded + 12 * padded / world, 2 * padded + 14 * padded / world, 16 * padded / world];
     for stage in 0..=3u8 {
-        let run = train(world, stage, stage == 3, 1, DType::BF16);
+        let run = train_with(world, stage, stage == 3, 1, DType::BF16, GradDtype::Bf16);
         for m in &run.memory {
-            // bf16 parameters (2 bytes), fp32 gradients (4), fp32 master + 2 moments (12).
             let (params, grads, opt) = match stage {
-                0 => (2 * p, 4 * padded, 12 * padded),
-                1 => (2 * p, 4 * padded, 12 * padded / world),
-                2 => (2 * p, 4 * padded / world, 12 * padded / world),
-                _ => (0, 4 * padded / world, 12 * padded / world),
+                0 => (2 * p, 2 * padded, 12 * padded),
+                1 => (2 * p, 2 * padded, 12 * padded / world),
+                2 => (2 * p, 2 * padded / world, 12 * padded / world),
+                _ => (2 * padded / world, 2 * padded / world, 12 * padded / world),
             };
             assert_eq!((m.params_bytes, m.grads_bytes, m.optimizer_bytes), (params, grads, opt), "stage {stage} rank {}", m.rank);
+            // Equal to the formula up to the padding of the (unsharded) parameters.
+            assert!(formula[stage as usize] - m.model_state_bytes() <= 2 * (padded - p), "stage {stage}: {} vs {}", m.model_state_bytes(), formula[stage as usize]);
             if stage == 3 {
                 assert!(m.peak_gathered_bytes > 0);
                 assert!(m.peak_gathered_bytes <= root_bytes_bf16 + 2 * block_bytes_bf16, "peak {} bytes", m.peak_gathered_bytes);
@@ -152,6 +161,22 @@ fn per_rank_model_state_bytes_follow_the_zero_formulas() {
                 assert_eq!(m.peak_gathered_bytes, 0);
             }
         }
+    }
+    // With the default fp32 gradient buffers, gradients take 4 bytes instead of 2.
+    let run = train(world, 2, false, 1, DType::BF16);
+    assert_eq!(run.memory[0].grads_bytes, 4 * padded / world);
+}
+
+#[test]
+fn bf16_gradient_buffers_keep_every_stage_bitwise_equal_to_stage0() {
+    let stage0 = train_with(2, 0, false, 1, DType::BF16, GradDtype::Bf16);
+    for (stage, recompute) in [(1, false), (2, false), (3, true)] {
+        let run = train_with(2, stage, recompute, 1, DType::BF16, GradDtype::Bf16);
+        assert_bitwise(&run, &stage0, &format!("bf16 grads: stage {stage} vs stage 0"));
+    }
+    let f32_grads = train(2, 0, false, 1, DType::BF16);
+    for (x, y) in stage0.losses.iter().zip(&f32_grads.losses) {
+        assert!((x - y).abs() < 0.01 * y, "bf16 gradient buffers: loss {x} vs {y} with f32 buffers");
     }
 }
 
@@ -194,7 +219,7 @@ fn a_failing_rank_ends_the_run_with_its_error_quickly() {
     let err = run_ranks(2, Duration::from_secs(20), |comm: LocalComm| -> Result<()> {
         let rank = comm.rank();
         let model = FailingGpt2 { inner: Gpt2::new(tiny())?, fail: rank == 1, calls: Default::default() };
-        let options = EngineOptions { stage: ZeroStage::new(3).unwrap(), recompute: true, compute_dtype: DType::F32 };
+        let options = EngineOptions { stage: ZeroStage::new(3).unwrap(), recompute: true, ..EngineOptions::single() };
         let mut engine = Engine::new(model, comm, 3, Device::Cpu, options)?;
         for step in &batches {
             let (i, t) = &step[0];
@@ -229,7 +254,7 @@ fn f16_overflow_skips_the_step_on_every_rank_and_lowers_the_scale() {
     let hyper = AdamWHyper::default();
     let results = run_ranks(2, Duration::from_secs(30), |comm: LocalComm| -> Result<_> {
         let rank = comm.rank();
-        let options = EngineOptions { stage: ZeroStage::new(2).unwrap(), recompute: false, compute_dtype: DType::F16 };
+        let options = EngineOptions { stage: ZeroStage::new(2).unwrap(), recompute: false, compute_dtype: DType::F16, ..EngineOptions::single() };
         let mut engine = Engine::new(Gpt2::new(tiny())?, comm, 3, Device::Cpu, options)?;
         // A scale of 2^40 overflows f16 (max 65504) in the first backward.
         engine.loss_scaler = Some(LossScaler::new(2f64.powi(40), 1000, 2, 1.0));

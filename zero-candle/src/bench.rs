@@ -77,7 +77,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
     let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect() };
     let (inputs, targets) = (tokens(batch * seq_len), tokens(batch * seq_len));
     let hyper = AdamWHyper { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let options = EngineOptions { stage: ZeroStage::new(opts.stage)?, recompute: opts.recompute, compute_dtype: candle_core::DType::F32 };
+    let options = EngineOptions { stage: ZeroStage::new(opts.stage)?, recompute: opts.recompute, ..EngineOptions::single() };
     let world = opts.world;
     let rows = batch / world;
     let per_rank = run_ranks(world, Duration::from_secs(600), |comm: LocalComm| -> Result<_, BoxError> {

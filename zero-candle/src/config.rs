@@ -52,6 +52,9 @@ pub struct ParallelConfig {
     /// Stage 3: recompute each block in the backward (activation checkpointing) instead of keeping
     /// its graph and gathered parameters. Default: true at stage 3, false otherwise.
     pub recompute: Option<bool>,
+    /// Gradient buffers: "f32" (default; exact accumulation) or "bf16" (2 bytes per gradient, the
+    /// ZeRO paper's accounting). Reductions are f32 either way.
+    pub grad_dtype: String,
     /// Seconds a collective waits for the other ranks before failing with an error that names
     /// the operation, unit and rank. Default 300.
     pub comm_timeout_s: f64,
@@ -59,7 +62,7 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { world_size: 1, zero_stage: 0, recompute: None, comm_timeout_s: 300.0 }
+        Self { world_size: 1, zero_stage: 0, recompute: None, grad_dtype: "f32".into(), comm_timeout_s: 300.0 }
     }
 }
 
@@ -278,6 +281,9 @@ impl Config {
         }
         if !(p.comm_timeout_s > 0.0 && p.comm_timeout_s.is_finite()) {
             return bad("parallel.comm_timeout_s", "must be a positive number of seconds");
+        }
+        if !matches!(p.grad_dtype.as_str(), "f32" | "bf16") {
+            return bad("parallel.grad_dtype", "must be \"f32\" or \"bf16\"");
         }
         if !matches!(t.precision.as_str(), "f32" | "bf16" | "f16") {
             return bad("train.precision", "must be \"f32\", \"bf16\" or \"f16\"");

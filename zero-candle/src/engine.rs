@@ -21,6 +21,7 @@ use kernels::AdamWHyper;
 use models::{BlockModel, Carry, Init};
 
 use crate::comm::{Comm, Pending};
+use crate::grad::{GradBuf, GradDtype};
 use crate::layout::FlatLayout;
 use crate::precision::LossScaler;
 use crate::rng::SplitMix64;
@@ -34,13 +35,15 @@ pub struct EngineOptions {
     /// instead of keeping its graph and gathered parameters from the forward.
     pub recompute: bool,
     /// Dtype the model computes in (f32, bf16, or f16 with dynamic loss scaling); master
-    /// weights, moments, gradients and reductions are f32.
+    /// weights, moments and reductions are f32.
     pub compute_dtype: DType,
+    /// Element type of the persistent gradient buffers (f32, or bf16 as in the ZeRO paper).
+    pub grad_dtype: GradDtype,
 }
 
 impl EngineOptions {
     pub fn single() -> Self {
-        Self { stage: ZeroStage::default(), recompute: false, compute_dtype: DType::F32 }
+        Self { stage: ZeroStage::default(), recompute: false, compute_dtype: DType::F32, grad_dtype: GradDtype::F32 }
     }
 }
 
@@ -57,9 +60,25 @@ pub struct UnitState {
     /// Elements covered by `grad` while gradients accumulate (the shard at stage >= 2). After the
     /// step's reduction, `grad` holds the reduced gradient over `opt_range`.
     pub grad_range: Range<usize>,
-    pub grad: Vec<f32>,
+    pub grad: GradBuf,
     /// Compute-dtype parameters held between steps (stages 0-2).
     params: Option<Vec<Var>>,
+    /// Stage 3 with bf16/f16 compute: this rank's parameter shard in the compute dtype, which
+    /// is what gets all-gathered (half the bytes of gathering the fp32 master).
+    param_shard: Option<HalfShard>,
+}
+
+/// A stage-3 parameter shard in a 2-byte compute dtype.
+enum HalfShard {
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+/// A gather in flight, in the dtype it moves.
+enum Gathering {
+    F32(Pending<f32>),
+    Bf16(Pending<half::bf16>),
+    F16(Pending<half::f16>),
 }
 
 /// One micro-batch: token ids and next-token targets, both (B, T) u32 on the engine's device.
@@ -136,8 +155,9 @@ fn cerr(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// Add a gradient tensor (any float dtype, any device) into an f32 slice.
-fn accumulate(dst: &mut [f32], grad: &Tensor, what: &str) -> Result<()> {
+/// Add a gradient tensor (any float dtype, any device) into part of a gradient buffer at
+/// `offset`: a persistent `GradBuf`, or a temporary f32 buffer rounded like one (`dtype`).
+fn accumulate(dst: Target<'_>, offset: usize, numel: usize, grad: &Tensor, what: &str) -> Result<()> {
     let grad = grad.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
     let (storage, layout) = grad.storage_and_layout();
     let values = match &*storage {
@@ -147,11 +167,20 @@ fn accumulate(dst: &mut [f32], grad: &Tensor, what: &str) -> Result<()> {
         },
         _ => bail!("gradient of {what}: expected f32 on the CPU"),
     };
-    if values.len() != dst.len() {
-        bail!("gradient of {what}: {} elements, expected {}", values.len(), dst.len());
+    if values.len() != numel {
+        bail!("gradient of {what}: {} elements, expected {numel}", values.len());
     }
-    dst.iter_mut().zip(values).for_each(|(d, s)| *d += s);
+    match dst {
+        Target::Buf(buf) => buf.add_f32(offset, values),
+        Target::Temp(buf, dtype) => dtype.add_into(&mut buf[offset..offset + values.len()], values),
+    }
     Ok(())
+}
+
+/// Where `accumulate` adds.
+enum Target<'a> {
+    Buf(&'a mut GradBuf),
+    Temp(&'a mut [f32], GradDtype),
 }
 
 /// Intersection of two ranges (empty when disjoint).
@@ -162,7 +191,7 @@ fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
 }
 
 impl UnitState {
-    fn new(layout: FlatLayout, rank: usize, world_size: usize, stage: ZeroStage, seed: u64) -> Self {
+    fn new(layout: FlatLayout, rank: usize, world_size: usize, stage: ZeroStage, grad_dtype: GradDtype, seed: u64) -> Self {
         let full = 0..layout.padded_numel;
         let shard = layout.shard_range(rank, world_size);
         let opt_range = if stage.shards(Buffer::OptState) { shard.clone() } else { full.clone() };
@@ -176,9 +205,10 @@ impl UnitState {
             master,
             exp_avg: vec![0.0; n],
             exp_avg_sq: vec![0.0; n],
-            grad: vec![0.0; grad_range.len()],
+            grad: GradBuf::zeros(grad_range.len(), grad_dtype),
             grad_range,
             params: None,
+            param_shard: None,
         }
     }
 }
@@ -217,7 +247,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let units: Vec<UnitState> = model
             .units()
             .iter()
-            .map(|spec| UnitState::new(FlatLayout::new(spec, world), rank, world, options.stage, seed))
+            .map(|spec| UnitState::new(FlatLayout::new(spec, world), rank, world, options.stage, options.grad_dtype, seed))
             .collect();
         let mut engine = Self { model, comm, options, units, device, step: 0, loss_scaler, gathered_now: 0, gathered_peak: 0 };
         engine.refresh_params()?;
@@ -236,14 +266,14 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     pub fn memory_report(&self) -> MemoryReport {
         let param_bytes = dtype_bytes(self.options.compute_dtype);
         let params_bytes = if self.options.stage.shards(Buffer::Params) {
-            0
+            self.units.iter().filter(|u| u.param_shard.is_some()).map(|u| u.shard.len() * param_bytes).sum()
         } else {
             self.units.iter().map(|u| u.layout.numel * param_bytes).sum()
         };
         MemoryReport {
             rank: self.rank(),
             params_bytes,
-            grads_bytes: self.units.iter().map(|u| u.grad_range.len() * 4).sum(),
+            grads_bytes: self.units.iter().map(|u| u.grad_range.len() * self.options.grad_dtype.bytes()).sum(),
             optimizer_bytes: self.units.iter().map(|u| 3 * u.opt_range.len() * 4).sum(),
             peak_gathered_bytes: self.gathered_peak,
         }
@@ -274,16 +304,29 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     }
 
     /// Start gathering a unit's parameters (stage 3), counting them as gathered.
-    fn gather_async(&mut self, unit: usize) -> Result<Pending<f32>> {
+    fn gather_async(&mut self, unit: usize) -> Result<Gathering> {
         self.gathered_now += self.unit_param_bytes(unit);
         self.gathered_peak = self.gathered_peak.max(self.gathered_now);
         let u = &self.units[unit];
-        self.comm.all_gather_async(u.master.clone(), &u.layout.unit).map_err(cerr)
+        let name = &u.layout.unit;
+        Ok(match &u.param_shard {
+            Some(HalfShard::Bf16(v)) => Gathering::Bf16(self.comm.all_gather_async(v.clone(), name).map_err(cerr)?),
+            Some(HalfShard::F16(v)) => Gathering::F16(self.comm.all_gather_async(v.clone(), name).map_err(cerr)?),
+            None => Gathering::F32(self.comm.all_gather_async(u.master.clone(), name).map_err(cerr)?),
+        })
     }
 
-    fn finish_gather(&self, unit: usize, pending: Pending<f32>) -> Result<Vec<Var>> {
-        let full = pending.wait().map_err(cerr)?;
-        self.vars_from_full(unit, &full)
+    fn finish_gather(&self, unit: usize, pending: Gathering) -> Result<Vec<Var>> {
+        // Gathered half values are exactly what converting the fp32 master would give.
+        fn vars<T: candle_core::WithDType>(slots: &[crate::layout::ParamSlot], full: &[T], device: &Device) -> Result<Vec<Var>> {
+            slots.iter().map(|s| Var::from_vec(full[s.range()].to_vec(), s.shape.as_slice(), device)).collect()
+        }
+        let slots = &self.units[unit].layout.params;
+        match pending {
+            Gathering::F32(p) => self.vars_from_full(unit, &p.wait().map_err(cerr)?),
+            Gathering::Bf16(p) => vars(slots, &p.wait().map_err(cerr)?, &self.device),
+            Gathering::F16(p) => vars(slots, &p.wait().map_err(cerr)?, &self.device),
+        }
     }
 
     /// A gathered unit's parameters were dropped.
@@ -308,6 +351,13 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let stage = self.options.stage;
         for i in 0..self.units.len() {
             let params = if stage.shards(Buffer::Params) {
+                let u = &mut self.units[i];
+                let shard = &u.master[u.shard.start - u.opt_range.start..u.shard.end - u.opt_range.start];
+                u.param_shard = match self.options.compute_dtype {
+                    DType::BF16 => Some(HalfShard::Bf16(shard.iter().map(|&v| half::bf16::from_f32(v)).collect())),
+                    DType::F16 => Some(HalfShard::F16(shard.iter().map(|&v| half::f16::from_f32(v)).collect())),
+                    _ => None,
+                };
                 None
             } else if stage.shards(Buffer::OptState) {
                 let u = &self.units[i];
@@ -349,9 +399,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             bail!("train_step: ranks disagree on the number of micro-batches (this rank has {})", micro_batches.len());
         }
         stats.tokens = counts[0] as usize;
+        let grad_dtype = self.options.grad_dtype;
         for unit in &mut self.units {
-            unit.grad.clear();
-            unit.grad.resize(unit.grad_range.len(), 0.0);
+            unit.grad = GradBuf::zeros(unit.grad_range.len(), grad_dtype);
         }
         // f16: the loss is multiplied by the scale (its divisor divided by it), so gradients are
         // scaled too; they are unscaled in the norm and in AdamW's grad_scale.
@@ -367,13 +417,18 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let stage = self.options.stage;
         if !stage.shards(Buffer::Grads) {
             for unit in &mut self.units {
-                if stage.shards(Buffer::OptState) {
+                // Reductions in f32 (bf16 values convert exactly); the result is stored rounded.
+                let full = unit.grad.to_f32(0..unit.grad.len());
+                let reduced = if stage.shards(Buffer::OptState) {
                     let mut shard = vec![0f32; unit.shard.len()];
-                    self.comm.reduce_scatter_sum(&unit.grad, &mut shard, &unit.layout.unit).map_err(cerr)?;
-                    unit.grad = shard;
+                    self.comm.reduce_scatter_sum(&full, &mut shard, &unit.layout.unit).map_err(cerr)?;
+                    shard
                 } else {
-                    self.comm.all_reduce_sum(&mut unit.grad, &unit.layout.unit).map_err(cerr)?;
-                }
+                    let mut full = full;
+                    self.comm.all_reduce_sum(&mut full, &unit.layout.unit).map_err(cerr)?;
+                    full
+                };
+                unit.grad = GradBuf::from_f32(reduced, grad_dtype);
             }
         }
         // The norm over this rank's shard range, summed over ranks: the same arithmetic at every
@@ -383,7 +438,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         for unit in &self.units {
             let local = intersect(&unit.shard, &unit.opt_range);
             let offset = unit.opt_range.start;
-            sums[1] += unit.grad[local.start - offset..local.end - offset].iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+            sums[1] += unit.grad.sum_squares(local.start - offset..local.end - offset);
         }
         self.comm.all_reduce_sum(&mut sums, "step").map_err(cerr)?;
         stats.backward_s += t0.elapsed().as_secs_f64();
@@ -421,9 +476,10 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                 }
                 let hp = AdamWHyper { lr: lr as f32, weight_decay: if slot.decays { hyper.weight_decay } else { 0.0 }, ..*hyper };
                 let local = r.start - base..r.end - base;
+                let grad = unit.grad.to_f32(local.clone());
                 kernels::adamw_step(
                     &mut unit.master[local.clone()],
-                    &unit.grad[local.clone()],
+                    &grad,
                     &mut unit.exp_avg[local.clone()],
                     &mut unit.exp_avg_sq[local],
                     &hp,
@@ -438,15 +494,19 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// Add a unit's parameter gradients into its full gradient buffer (stages 0-1) or into `full`,
     /// a temporary full buffer that is reduce-scattered into the shard (stages 2-3).
     fn take_grads(&mut self, unit: usize, params: &[Var], grads: &candle_core::backprop::GradStore, full: Option<&mut Vec<f32>>) -> Result<()> {
+        let grad_dtype = self.options.grad_dtype;
         let u = &mut self.units[unit];
-        let target: &mut Vec<f32> = match full {
-            Some(buf) => buf,
-            None if u.grad_range.len() == u.layout.padded_numel => &mut u.grad,
-            None => bail!("unit {}: a sharded gradient needs a full buffer to reduce-scatter from", u.layout.unit),
-        };
+        if full.is_none() && u.grad_range.len() != u.layout.padded_numel {
+            bail!("unit {}: a sharded gradient needs a full buffer to reduce-scatter from", u.layout.unit);
+        }
+        let mut full = full;
         for (slot, var) in u.layout.params.iter().zip(params) {
             if let Some(g) = grads.get(var.as_tensor()) {
-                accumulate(&mut target[slot.range()], g, &slot.name)?;
+                let target = match full.as_deref_mut() {
+                    Some(buf) => Target::Temp(buf, grad_dtype),
+                    None => Target::Buf(&mut u.grad),
+                };
+                accumulate(target, slot.offset, slot.numel, g, &slot.name)?;
             }
         }
         Ok(())
@@ -457,7 +517,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let u = &mut self.units[unit];
         let pending = self.comm.reduce_scatter_sum_async(full.to_vec(), &u.layout.unit).map_err(cerr)?;
         let shard = pending.wait().map_err(cerr)?;
-        u.grad.iter_mut().zip(&shard).for_each(|(g, s)| *g += s);
+        u.grad.add_f32(0, &shard);
         Ok(())
     }
 
@@ -629,12 +689,12 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
 
     /// The accumulated gradient of parameter `name` over the part this rank holds, as
     /// (first flat index within the parameter, values). After `compute_gradients`.
-    pub fn gradient(&self, name: &str) -> Option<(usize, &[f32])> {
+    pub fn gradient(&self, name: &str) -> Option<(usize, Vec<f32>)> {
         self.units.iter().find_map(|u| {
             let slot = u.layout.params.iter().find(|s| s.name == name)?;
             let held = if u.grad.len() == u.opt_range.len() { u.opt_range.clone() } else { u.grad_range.clone() };
             let r = intersect(&slot.range(), &held);
-            Some((r.start.saturating_sub(slot.offset), &u.grad[r.start - held.start..r.end - held.start]))
+            Some((r.start.saturating_sub(slot.offset), u.grad.to_f32(r.start - held.start..r.end - held.start)))
         })
     }
 

@@ -4,9 +4,9 @@
 //! so stage 0 needs 16P, stage 1 4P + 12P/N, stage 2 2P + 14P/N and stage 3 16P/N bytes per rank.
 //! With a preset, P comes from the real layout (each unit padded to a multiple of N), and stage 3
 //! adds the peak of gathered parameters (the root unit and two blocks: the one in use and the one
-//! prefetched). A second table gives what this engine holds (its `MemoryReport`): gradient buffers
-//! are fp32 (4 bytes) rather than bf16, and at stage 3 no parameter shard is kept besides the fp32
-//! master (blocks are gathered from it).
+//! prefetched). This engine holds exactly that with `train.precision = "bf16"` and
+//! `parallel.grad_dtype = "bf16"`; a second table gives its default, fp32 gradient buffers
+//! (4 bytes per gradient, exact accumulation).
 
 use models::{BlockModel, Gpt2, Gpt2Config};
 
@@ -55,8 +55,7 @@ impl Sizes {
 
 /// Per-stage bytes with `param_bytes`/`grad_bytes` per element and 12 bytes of fp32 optimizer
 /// state (master, exp_avg, exp_avg_sq). `param_shard_bytes` is what a stage-3 rank keeps of its
-/// parameter shard between steps (2 in the paper; 0 in this engine, which gathers from the fp32
-/// master shard).
+/// parameter shard between steps (2 in the paper and in this engine with 2-byte compute).
 pub fn stage_bytes(s: &Sizes, world: usize, param_bytes: f64, grad_bytes: f64, param_shard_bytes: f64) -> Vec<StageBytes> {
     let n = world as f64;
     (0..=3u8)
@@ -94,8 +93,8 @@ pub fn format_estimate(s: &Sizes, world: usize, what: &str) -> String {
     };
     out += &table("ZeRO paper accounting (fp16/bf16 params and grads, fp32 Adam: 2 + 2 + 12 bytes per parameter)", &stage_bytes(s, world, 2.0, 2.0, 2.0));
     out += &table(
-        "this engine with bf16 compute (bf16 params, fp32 gradient buffers, fp32 Adam; stage 3 gathers from the fp32 master shard)",
-        &stage_bytes(s, world, 2.0, 4.0, 0.0),
+        "this engine with bf16 compute and its default fp32 gradient buffers (parallel.grad_dtype = \"f32\"; with \"bf16\" it holds the table above)",
+        &stage_bytes(s, world, 2.0, 4.0, 2.0),
     );
     out
 }

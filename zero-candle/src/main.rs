@@ -77,6 +77,24 @@ enum Command {
         #[arg(long, default_value_t = 1337)]
         seed: u64,
     },
+    /// Mean next-token loss and perplexity of a model folder on a text or token file (one JSON line).
+    Eval {
+        /// Model folder (<out_dir>/model or an export; f32 or bf16).
+        #[arg(long)]
+        model: PathBuf,
+        /// UTF-8 text, tokenized with the folder's tokenizer and cut into --seq-len windows.
+        #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+        text: Option<PathBuf>,
+        /// JSON array of arrays of token ids, each a sequence of at most the model's context.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Sequences per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// --text: predictions per window (0 = the window the model was trained on).
+        #[arg(long, default_value_t = 0)]
+        seq_len: usize,
+    },
     /// Model-state bytes per rank for ZeRO stages 0-3 (from a parameter count or a preset's layout).
     Estimate {
         /// Parameter count, e.g. 7.5e9.
@@ -164,6 +182,12 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             }
             let text = run_sample(&model, &cfg, seed)?;
             println!("{prompt}{text}");
+        }
+        Command::Eval { model, text, tokens, batch, seq_len } => {
+            init_compute_threads(0);
+            let input = zero_candle::eval::EvalInput::from_args(text, tokens)?;
+            let report = zero_candle::eval::run_eval(&zero_candle::eval::EvalOptions { model, input, batch, seq_len })?;
+            println!("{}", report.to_json());
         }
         Command::Estimate { params, model, vocab, world } => {
             if world == 0 {

@@ -1,11 +1,15 @@
-//! The model folder written at the end of training and read by `zero-candle sample`:
-//! `model.safetensors` (f32, Hugging Face GPT-2 names and layouts, metadata {"format": "pt"}),
-//! `config.json` (Hugging Face GPT2Config keys) and the tokenizer file. Written into a temporary
-//! folder and renamed, so an interrupted save never leaves a half-written model under the name.
-//! (Sharded training checkpoints are a separate format: see docs/ARCHITECTURE.md.)
+//! The model folder written at the end of training and read by `zero-candle sample` and `eval`:
+//! `model.safetensors` (f32 or bf16, Hugging Face GPT-2 names and layouts, metadata
+//! {"format": "pt"}), `config.json` (Hugging Face GPT2Config keys, `torch_dtype` saying which)
+//! and the tokenizer file. Written into a temporary folder and renamed, so an interrupted save
+//! never leaves a half-written model under the name. Reading accepts F32, BF16 and F16 tensors
+//! and converts them to f32. (Sharded training checkpoints are a separate format: see
+//! docs/ARCHITECTURE.md.)
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use datasets::{Tokenizer, TokenizerKind};
 use models::Gpt2Config;
@@ -16,10 +20,71 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const WEIGHTS_FILE: &str = "model.safetensors";
 const CONFIG_FILE: &str = "config.json";
 
+/// The dtype of the tensors in a saved model.safetensors. Training state is f32; `Bf16` rounds
+/// each value to the nearest bfloat16 (ties to even), halving the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExportDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ExportDtype {
+    /// The name used on the command line and in errors: "f32" or "bf16".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "f32",
+            ExportDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// The `torch_dtype` written to config.json.
+    pub fn torch_dtype(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        }
+    }
+
+    fn safetensors_dtype(self) -> Dtype {
+        match self {
+            ExportDtype::F32 => Dtype::F32,
+            ExportDtype::Bf16 => Dtype::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this dtype.
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ExportDtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl fmt::Display for ExportDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ExportDtype {
+    type Err = String;
+
+    /// "f32" / "float32" or "bf16" / "bfloat16" (so `--dtype` can be a clap argument).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(ExportDtype::F32),
+            "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
+            _ => Err(format!("unknown model dtype {s:?}; use f32 or bf16")),
+        }
+    }
+}
+
 /// The Hugging Face `config.json` of a GPT-2, plus `train_seq_len`: the window the model was
 /// trained on (positions beyond it are untrained, so sampling keeps its input within it;
 /// transformers keeps unknown keys as plain attributes).
-fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize) -> serde_json::Value {
+fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize, dtype: ExportDtype) -> serde_json::Value {
     serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -36,17 +101,30 @@ fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize) -> serde_json::Value {
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "tie_word_embeddings": true,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype.torch_dtype(),
         "train_seq_len": train_seq_len,
     })
 }
 
-/// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`.
+/// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`, in f32.
 pub fn save_model_folder(
     dir: &Path,
     cfg: &Gpt2Config,
     train_seq_len: usize,
     params: &[(&str, &[usize], &[f32])], tokenizer: &Tokenizer) -> Result<(), BoxError> {
+    save_model_folder_as(dir, cfg, train_seq_len, params, tokenizer, ExportDtype::F32)
+}
+
+/// Write `params` (name, shape, f32 values) converted to `dtype`, the config (its `torch_dtype`
+/// naming `dtype`) and the tokenizer to `dir`.
+pub fn save_model_folder_as(
+    dir: &Path,
+    cfg: &Gpt2Config,
+    train_seq_len: usize,
+    params: &[(&str, &[usize], &[f32])],
+    tokenizer: &Tokenizer,
+    dtype: ExportDtype,
+) -> Result<(), BoxError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     let name = dir.file_name().ok_or_else(|| format!("{} is not a folder name", dir.display()))?;
@@ -58,16 +136,20 @@ pub fn save_model_folder(
 
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .iter()
-        .map(|(n, shape, values)| (n.to_string(), shape.to_vec(), values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|(n, shape, values)| (n.to_string(), shape.to_vec(), dtype.encode(values)))
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        .map(|(n, shape, b)| {
+            safetensors::tensor::TensorView::new(dtype.safetensors_dtype(), shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| format!("cannot save parameter {n} (shape {shape:?}, {} bytes as {dtype}): {e}", b.len()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), &tmp.join(WEIGHTS_FILE))
         .map_err(|e| format!("cannot write {}: {e}", tmp.join(WEIGHTS_FILE).display()))?;
-    let config = serde_json::to_string_pretty(&hf_config_json(cfg, train_seq_len))?;
+    let config = serde_json::to_string_pretty(&hf_config_json(cfg, train_seq_len, dtype))?;
     std::fs::write(tmp.join(CONFIG_FILE), config).map_err(|e| format!("cannot write {}: {e}", tmp.join(CONFIG_FILE).display()))?;
     tokenizer.save(&tmp)?;
 
@@ -122,10 +204,14 @@ pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a valid safetensors file: {e}", weights_path.display()))?;
     let mut params = HashMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(format!("{}: tensor {name} is {:?}; expected F32", weights_path.display(), view.dtype()).into());
-        }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(format!("{}: tensor {name} is {other:?}; expected F32, BF16 or F16", weights_path.display()).into());
+            }
+        };
         params.insert(name, (view.shape().to_vec(), values));
     }
     let kind = if dir.join(TokenizerKind::HuggingFace.file_name()).is_file() { TokenizerKind::HuggingFace } else { TokenizerKind::Char };

@@ -14,6 +14,7 @@ use crate::checkpoint;
 use crate::comm::{Comm, LocalComm};
 use crate::config::{Config, ModelConfig};
 use crate::engine::{Engine, EngineOptions, MicroBatch};
+use crate::grad::GradDtype;
 use crate::stage::ZeroStage;
 use crate::metrics::MetricsWriter;
 use crate::model_io;
@@ -86,7 +87,8 @@ pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
         "f16" => DType::F16,
         _ => DType::F32,
     };
-    Ok(EngineOptions { stage, recompute: cfg.parallel.recompute.unwrap_or(stage.get() == 3), compute_dtype })
+    let grad_dtype = if cfg.parallel.grad_dtype == "bf16" { GradDtype::Bf16 } else { GradDtype::F32 };
+    Ok(EngineOptions { stage, recompute: cfg.parallel.recompute.unwrap_or(stage.get() == 3), compute_dtype, grad_dtype })
 }
 
 pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
