@@ -7,12 +7,18 @@
 //!   where it pays (llm.c's `train_gpt2.c` is the model for the CPU loops).
 //! Tests in `kernels/tests/` compare forward and every gradient with the reference in f32 and bf16
 //! at odd sizes, and check each reference once against finite differences.
+//!
+//! Ops: `layer_norm`, `gelu` (tanh), `causal_softmax`, `causal_attention`, `cross_entropy`
+//! (GPT-2); `rms_norm`, `rope` (+ `rope_tables`), `swiglu` (Llama); and the `adamw_step` update.
 
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
 pub mod testing;
 mod util;
 
@@ -21,3 +27,6 @@ pub use attention::{causal_attention, causal_attention_reference, causal_softmax
 pub use cross_entropy::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 pub use gelu::{gelu, gelu_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
+pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rope::{rope, rope_reference, rope_tables};
+pub use swiglu::{swiglu, swiglu_reference};

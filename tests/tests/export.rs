@@ -132,6 +132,9 @@ fn check_folder(dir: &Path, cfg: &Gpt2Config, params: &[(String, Vec<usize>, Vec
     assert_eq!(config["activation_function"], "gelu_new");
     assert_eq!(config["layer_norm_epsilon"], cfg.layer_norm_eps);
     assert_eq!(config["train_seq_len"], 12);
+    // GPT2Config's default bos/eos (50256) would be outside this vocabulary of 13.
+    assert!(config["bos_token_id"].is_null() && config["eos_token_id"].is_null(), "{config}");
+    assert!(config.get("bos_token_id").is_some());
     let torch_dtype = match dtype {
         ExportDtype::F32 => "float32",
         ExportDtype::Bf16 => "bfloat16",

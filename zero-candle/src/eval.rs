@@ -17,6 +17,9 @@ use crate::engine::{Engine, EngineOptions};
 use crate::model_io;
 use crate::train::{single_rank, BoxError};
 
+/// One row to evaluate: input ids and the next-token targets they predict (same length).
+pub type Row = (Vec<u32>, Vec<u32>);
+
 /// What to evaluate on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EvalInput {
@@ -81,7 +84,7 @@ impl EvalReport {
 /// Cut `ids` into non-overlapping (inputs, targets) windows of at most `window` predictions:
 /// window k predicts tokens k*window+1 ..= (k+1)*window from the ones before them, the last
 /// window holding what is left. Every token after the first is a target exactly once.
-pub fn text_windows(ids: &[u32], window: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+pub fn text_windows(ids: &[u32], window: usize) -> Vec<Row> {
     if ids.len() < 2 || window == 0 {
         return Vec::new();
     }
@@ -141,7 +144,7 @@ pub fn read_token_sequences(path: &Path, vocab_size: usize, context: usize) -> R
 }
 
 /// The (inputs, targets) rows to evaluate, from the options and the loaded model.
-fn eval_rows(opts: &EvalOptions, loaded: &model_io::LoadedModel) -> Result<Vec<(Vec<u32>, Vec<u32>)>, BoxError> {
+fn eval_rows(opts: &EvalOptions, loaded: &model_io::LoadedModel) -> Result<Vec<Row>, BoxError> {
     let context = loaded.config.context;
     match &opts.input {
         EvalInput::Text(path) => {

@@ -59,6 +59,9 @@ enum Command {
         /// Output folder (config.json, model.safetensors, tokenizer).
         #[arg(long)]
         out: PathBuf,
+        /// Weights dtype: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: zero_candle::model_io::ExportDtype,
     },
     /// Continue a prompt with a trained model folder (<out_dir>/model).
     Sample {
@@ -170,9 +173,9 @@ fn run(cli: Cli) -> Result<(), BoxError> {
                 m.sources.len()
             );
         }
-        Command::Export { checkpoint, out } => {
-            let n = zero_candle::export::export_checkpoint(&checkpoint, &out)?;
-            println!("exported {} ({n} parameters) to {}", checkpoint.display(), out.display());
+        Command::Export { checkpoint, out, dtype } => {
+            let n = zero_candle::export::export_checkpoint(&checkpoint, &out, dtype)?;
+            println!("exported {} ({n} parameters, {dtype}) to {}", checkpoint.display(), out.display());
         }
         Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
             init_compute_threads(0);

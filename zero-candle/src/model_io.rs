@@ -19,6 +19,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const WEIGHTS_FILE: &str = "model.safetensors";
 const CONFIG_FILE: &str = "config.json";
+/// GPT-2's <|endoftext|> id, GPT2Config's default bos_token_id and eos_token_id.
+const GPT2_END_OF_TEXT: usize = 50256;
 
 /// The dtype of the tensors in a saved model.safetensors. Training state is f32; `Bf16` rounds
 /// each value to the nearest bfloat16 (ties to even), halving the file.
@@ -85,7 +87,7 @@ impl FromStr for ExportDtype {
 /// trained on (positions beyond it are untrained, so sampling keeps its input within it;
 /// transformers keeps unknown keys as plain attributes).
 fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize, dtype: ExportDtype) -> serde_json::Value {
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
@@ -103,7 +105,14 @@ fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize, dtype: ExportDtype) ->
         "tie_word_embeddings": true,
         "torch_dtype": dtype.torch_dtype(),
         "train_seq_len": train_seq_len,
-    })
+    });
+    // GPT2Config defaults bos/eos to GPT-2's <|endoftext|> (50256); a smaller vocabulary (a
+    // character one) has no such token, so say there is none rather than name an invalid id.
+    if cfg.vocab_size <= GPT2_END_OF_TEXT {
+        config["bos_token_id"] = serde_json::Value::Null;
+        config["eos_token_id"] = serde_json::Value::Null;
+    }
+    config
 }
 
 /// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`, in f32.

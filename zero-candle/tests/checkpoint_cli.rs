@@ -275,5 +275,19 @@ fn export_writes_hugging_face_names_and_samples() {
     }
     let o = bin().args(["sample", "--model", &folder.display().to_string(), "--max-new-tokens", "5"]).output().unwrap();
     ok(&o);
+    // bf16: every value is the f32 one rounded to bf16.
+    let half = out.join("exported-bf16");
+    let o = bin().args(["export", &out.join("step_000003").display().to_string(), "--out", &half.display().to_string(), "--dtype", "bf16"]).output().unwrap();
+    ok(&o);
+    let bytes16 = std::fs::read(half.join("model.safetensors")).unwrap();
+    let st16 = safetensors::SafeTensors::deserialize(&bytes16).unwrap();
+    let w32 = st.tensor("transformer.wte.weight").unwrap();
+    let w16 = st16.tensor("transformer.wte.weight").unwrap();
+    assert_eq!(w16.dtype(), safetensors::Dtype::BF16);
+    for (a, b) in w32.data().chunks_exact(4).zip(w16.data().chunks_exact(2)) {
+        let x = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+        let y = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+        assert!((x - y).abs() <= x.abs() / 128.0, "{x} vs bf16 {y}");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
