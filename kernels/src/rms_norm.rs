@@ -285,7 +285,7 @@ fn backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], c: usize, eps: f32) -> (
                 }
                 let mean_dxhat_xhat = sum_lanes(&dh, &xr, |d, xh| d * xh) / c as f32;
                 for ((o, &d), &xh) in dxr.iter_mut().zip(&dh).zip(&xr) {
-                    *o = T::narrow(rrms * (d - xh * mean_dxhat_xhat));
+                    *o = T::narrow(rrms * (d - 0.5 * xh * mean_dxhat_xhat));
                 }
             }
             dw
