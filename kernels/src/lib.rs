@@ -5,6 +5,7 @@
 //! - `<op>_reference`: the spec, composed from differentiable candle primitives in f32;
 //! - `<op>`: the fast path, a candle `CustomOp` with a CPU forward and a `bwd`, parallel over rows
 //!   where it pays (llm.c's `train_gpt2.c` is the model for the CPU loops).
+//!
 //! Tests in `kernels/tests/` compare forward and every gradient with the reference in f32 and bf16
 //! at odd sizes, and check each reference once against finite differences.
 //!

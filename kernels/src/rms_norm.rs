@@ -185,7 +185,10 @@ impl CustomOp2 for RmsNorm {
                 ),
             }
         };
-        Ok((Some(dx.reshape(x.shape())?), Some(dw.reshape(weight.shape())?)))
+        Ok((
+            Some(dx.reshape(x.shape())?),
+            Some(dw.reshape(weight.shape())?),
+        ))
     }
 }
 
@@ -193,7 +196,10 @@ impl CustomOp2 for RmsNorm {
 fn to_tensors<T: KernelFloat>((dx, dw): (Vec<T>, Vec<T>)) -> Result<(Tensor, Tensor)> {
     let dev = candle_core::Device::Cpu;
     let (n, c) = (dx.len(), dw.len());
-    Ok((Tensor::from_vec(dx, n, &dev)?, Tensor::from_vec(dw, c, &dev)?))
+    Ok((
+        Tensor::from_vec(dx, n, &dev)?,
+        Tensor::from_vec(dw, c, &dev)?,
+    ))
 }
 
 /// Rows per rayon task (at least one).
@@ -285,7 +291,7 @@ fn backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], c: usize, eps: f32) -> (
                 }
                 let mean_dxhat_xhat = sum_lanes(&dh, &xr, |d, xh| d * xh) / c as f32;
                 for ((o, &d), &xh) in dxr.iter_mut().zip(&dh).zip(&xr) {
-                    *o = T::narrow(rrms * (d - 0.5 * xh * mean_dxhat_xhat));
+                    *o = T::narrow(rrms * (d - xh * mean_dxhat_xhat));
                 }
             }
             dw

@@ -36,7 +36,7 @@ pub fn rope_tables(
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || head_dim % 2 == 1 {
         bail!("rope_tables: head_dim must be even and positive, got {head_dim}");
     }
     if !(theta.is_finite() && theta > 0.0) {
@@ -89,7 +89,11 @@ pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     let x1 = xf.narrow(D::Minus1, 0, half)?;
     let x2 = xf.narrow(D::Minus1, half, half)?;
     // (T, D/2) -> (1, 1, T, D/2), broadcast over batch and heads.
-    let table = |m: &Tensor| m.narrow(0, 0, t)?.to_dtype(compute)?.reshape((1, 1, t, half));
+    let table = |m: &Tensor| {
+        m.narrow(0, 0, t)?
+            .to_dtype(compute)?
+            .reshape((1, 1, t, half))
+    };
     let (c, s) = (table(cos)?, table(sin)?);
     let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
     let y2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
@@ -101,7 +105,7 @@ fn check_args(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<usize> {
     let &[_, _, t, d] = x.dims() else {
         bail!("rope: x must have shape (B, H, T, D), got {:?}", x.dims())
     };
-    if d == 0 || d % 2 != 0 {
+    if d == 0 || d % 2 == 1 {
         bail!(
             "rope: the head dimension D of x {:?} must be even and positive, got {d}",
             x.dims()
@@ -159,7 +163,11 @@ impl CustomOp3 for Rope {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = if self.inverse { "rope backward" } else { "rope" };
+        let op = if self.inverse {
+            "rope backward"
+        } else {
+            "rope"
+        };
         let (t, d) = match xl.dims() {
             &[_, _, t, d] if d > 0 && d % 2 == 0 => (t, d),
             dims => bail!("{op}: x must have shape (B, H, T, D) with D even, got {dims:?}"),
@@ -219,9 +227,13 @@ impl CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // dx = R(-angle) dy; the upstream gradient may be strided (e.g. after a transpose).
         // Gradients are detached by candle's backward loop, so nothing needs recording here.
-        let dx = grad_res
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        let dx = grad_res.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
         Ok((Some(dx), None, None))
     }
 }

@@ -85,15 +85,18 @@ impl CustomOp2 for SwiGlu {
         }
         let op = "swiglu";
         let out = match (gs, us) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(forward(contiguous_slice(g, gl, op)?, contiguous_slice(u, ul, op)?))
-            }
-            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => {
-                CpuStorage::BF16(forward(contiguous_slice(g, gl, op)?, contiguous_slice(u, ul, op)?))
-            }
-            (CpuStorage::F16(g), CpuStorage::F16(u)) => {
-                CpuStorage::F16(forward(contiguous_slice(g, gl, op)?, contiguous_slice(u, ul, op)?))
-            }
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(forward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+            )),
+            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(forward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+            )),
+            (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(forward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+            )),
             _ => bail!(
                 "swiglu: unsupported dtypes gate {:?}, up {:?} (expected both f32, bf16 or f16)",
                 gs.dtype(),
@@ -146,7 +149,10 @@ impl CustomOp2 for SwiGlu {
                 ),
             }
         };
-        Ok((Some(dgate.reshape(gate.shape())?), Some(dup.reshape(up.shape())?)))
+        Ok((
+            Some(dgate.reshape(gate.shape())?),
+            Some(dup.reshape(up.shape())?),
+        ))
     }
 }
 
@@ -154,7 +160,10 @@ impl CustomOp2 for SwiGlu {
 fn to_tensors<T: KernelFloat>((dgate, dup): (Vec<T>, Vec<T>)) -> Result<(Tensor, Tensor)> {
     let dev = candle_core::Device::Cpu;
     let n = dgate.len();
-    Ok((Tensor::from_vec(dgate, n, &dev)?, Tensor::from_vec(dup, n, &dev)?))
+    Ok((
+        Tensor::from_vec(dgate, n, &dev)?,
+        Tensor::from_vec(dup, n, &dev)?,
+    ))
 }
 
 /// exp(x) without libm, branch-free so that LLVM vectorizes the loops (a copy of `gelu`'s): Cephes
@@ -210,7 +219,13 @@ fn backward<T: KernelFloat>(gate: &[T], up: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) 
         .zip(gate.par_chunks(TASK_ELEMS))
         .zip(up.par_chunks(TASK_ELEMS).zip(dy.par_chunks(TASK_ELEMS)))
         .for_each(|(((dgate, dup), gate), (up, dy))| {
-            for ((((dg, du), &g), &u), &d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dy) {
+            for ((((dg, du), &g), &u), &d) in dgate
+                .iter_mut()
+                .zip(dup.iter_mut())
+                .zip(gate)
+                .zip(up)
+                .zip(dy)
+            {
                 let (g, d) = (g.widen(), d.widen());
                 let s = sigmoid(g);
                 *dg = T::narrow(d * u.widen() * s * (1.0 + g * (1.0 - s)));

@@ -4,7 +4,9 @@
 //! tasks with a ragged last one), a strided input, argument errors and an ignored timing.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use kernels::testing::{assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{
+    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+};
 use kernels::{rms_norm, rms_norm_reference};
 
 /// Llama's `rms_norm_eps` (1e-5 for Llama 2 / TinyLlama, 1e-6 for some others).
@@ -16,12 +18,20 @@ type RmsFn = fn(&Tensor, &Tensor, f64) -> Result<Tensor>;
 /// cannot be seeded).
 fn pseudo_random(shape: &[usize], seed: u64, scale: f64, offset: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let data: Vec<f64> = kernels::testing::uniform_values(n, seed).into_iter().map(|u| offset + scale * u).collect();
+    let data: Vec<f64> = kernels::testing::uniform_values(n, seed)
+        .into_iter()
+        .map(|u| offset + scale * u)
+        .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
 /// Output and (dx, dweight) of `sum(f(x, w) * g)`, with x and w as Vars.
-fn forward_and_grads(f: &dyn Fn(&Tensor, &Tensor, f64) -> Result<Tensor>, x: &Tensor, w: &Tensor, g: &Tensor) -> [Tensor; 3] {
+fn forward_and_grads(
+    f: &dyn Fn(&Tensor, &Tensor, f64) -> Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> [Tensor; 3] {
     let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
     let y = f(xv.as_tensor(), wv.as_tensor(), EPS).unwrap();
     let grads = y.mul(g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -43,12 +53,19 @@ fn inputs(dims: &[usize], seed: u64, dtype: DType) -> [Tensor; 3] {
 
 /// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![301, 129], vec![1, 1]].iter().enumerate() {
+    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![301, 129], vec![1, 1]]
+        .iter()
+        .enumerate()
+    {
         let ins = inputs(dims, 10 * i as u64, dtype);
         let fast = forward_and_grads(&rms_norm, &ins[0], &ins[1], &ins[2]);
         let f32_ins = ins.clone().map(|t| t.to_dtype(DType::F32).unwrap());
-        let reference = forward_and_grads(&rms_norm_reference, &f32_ins[0], &f32_ins[1], &f32_ins[2]);
-        for (name, (a, e)) in ["y", "dx", "dweight"].iter().zip(fast.iter().zip(&reference)) {
+        let reference =
+            forward_and_grads(&rms_norm_reference, &f32_ins[0], &f32_ins[1], &f32_ins[2]);
+        for (name, (a, e)) in ["y", "dx", "dweight"]
+            .iter()
+            .zip(fast.iter().zip(&reference))
+        {
             assert_eq!(a.dtype(), dtype, "{name} dtype");
             assert_close(a, e, tol, &format!("rms_norm {name} {dtype:?} {dims:?}"));
         }
@@ -64,16 +81,34 @@ fn rms_norm_reference_and_fast_path_match_hand_computed_values() {
     let eps = 0.5; // large, so that forgetting it (or putting it outside the sqrt) shows
     let r = 1.0 / (7.5f32 + 0.5).sqrt();
     let expected = Tensor::new(&[[r, 4.0 * r, 3.0 * r, -4.0 * r]], &Device::Cpu).unwrap();
-    assert_close(&rms_norm_reference(&x, &w, eps).unwrap(), &expected, F32_TOL, "rms_norm_reference");
-    assert_close(&rms_norm(&x, &w, eps).unwrap(), &expected, F32_TOL, "rms_norm");
+    assert_close(
+        &rms_norm_reference(&x, &w, eps).unwrap(),
+        &expected,
+        F32_TOL,
+        "rms_norm_reference",
+    );
+    assert_close(
+        &rms_norm(&x, &w, eps).unwrap(),
+        &expected,
+        F32_TOL,
+        "rms_norm",
+    );
 }
 
 #[test]
 fn rms_norm_reference_gradients_match_finite_differences() {
     let [x, w, g] = inputs(&[3, 5], 1, DType::F64);
     let analytic = forward_and_grads(&rms_norm_reference, &x, &w, &g);
-    let loss = |x: &Tensor, w: &Tensor| -> Result<f64> { rms_norm_reference(x, w, EPS)?.mul(&g)?.sum_all()?.to_scalar::<f64>() };
-    let tol = Tolerance { rtol: 1e-5, atol: 1e-7 };
+    let loss = |x: &Tensor, w: &Tensor| -> Result<f64> {
+        rms_norm_reference(x, w, EPS)?
+            .mul(&g)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
+    let tol = Tolerance {
+        rtol: 1e-5,
+        atol: 1e-7,
+    };
     let fd_x = finite_difference_grad(&x, 1e-5, |x| loss(x, &w)).unwrap();
     let fd_w = finite_difference_grad(&w, 1e-5, |w| loss(&x, w)).unwrap();
     assert_close(&analytic[1], &fd_x, tol, "dx vs finite differences");
@@ -101,13 +136,18 @@ fn rms_norm_forward_and_gradients_match_reference_f16() {
 #[test]
 fn rms_norm_accepts_strided_input() {
     // A transposed view is copied (differentiably) before the kernel; gradients land on the Var.
-    let x = pseudo_random(&[77, 37], 7, 2.0, 0.7).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[77, 37], 7, 2.0, 0.7)
+        .to_dtype(DType::F32)
+        .unwrap();
     let [_, w, g] = inputs(&[37, 77], 8, DType::F32);
     let via_t = |f: RmsFn| move |x: &Tensor, w: &Tensor, eps: f64| f(&x.t()?, w, eps);
     let fast = forward_and_grads(&via_t(rms_norm), &x, &w, &g);
     let reference = forward_and_grads(&via_t(rms_norm_reference), &x, &w, &g);
     assert_eq!(fast[1].dims(), [77, 37]);
-    for (name, (a, e)) in ["y", "dx", "dweight"].iter().zip(fast.iter().zip(&reference)) {
+    for (name, (a, e)) in ["y", "dx", "dweight"]
+        .iter()
+        .zip(fast.iter().zip(&reference))
+    {
         assert_close(a, e, F32_TOL, &format!("strided rms_norm {name}"));
     }
 }
@@ -118,17 +158,31 @@ fn rms_norm_rejects_mismatched_shapes_dtypes_and_eps() {
     let short = w.narrow(0, 0, 5).unwrap();
     for f in [rms_norm as RmsFn, rms_norm_reference] {
         let err = f(&x, &short, EPS).unwrap_err().to_string();
-        assert!(err.contains("rms_norm") && err.contains("[5]") && err.contains("[4, 6]"), "{err}");
+        assert!(
+            err.contains("rms_norm") && err.contains("[5]") && err.contains("[4, 6]"),
+            "{err}"
+        );
     }
-    let err = rms_norm(&x, &w.to_dtype(DType::BF16).unwrap(), EPS).unwrap_err().to_string();
-    assert!(err.contains("rms_norm") && err.contains("dtype") && err.contains("BF16"), "{err}");
+    let err = rms_norm(&x, &w.to_dtype(DType::BF16).unwrap(), EPS)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rms_norm") && err.contains("dtype") && err.contains("BF16"),
+        "{err}"
+    );
     let err = rms_norm(&x, &w, -1.0).unwrap_err().to_string();
     assert!(err.contains("rms_norm") && err.contains("eps"), "{err}");
     let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
     let err = rms_norm(&scalar, &w, EPS).unwrap_err().to_string();
     assert!(err.contains("rms_norm") && err.contains("scalar"), "{err}");
     // f64 is for the reference only.
-    let err = rms_norm(&x.to_dtype(DType::F64).unwrap(), &w.to_dtype(DType::F64).unwrap(), EPS).unwrap_err().to_string();
+    let err = rms_norm(
+        &x.to_dtype(DType::F64).unwrap(),
+        &w.to_dtype(DType::F64).unwrap(),
+        EPS,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("rms_norm") && err.contains("F64"), "{err}");
 }
 
@@ -137,7 +191,10 @@ fn rms_norm_rejects_mismatched_shapes_dtypes_and_eps() {
 #[ignore]
 fn rms_norm_speed_vs_reference() {
     let [x, w, g] = inputs(&[8 * 512, 2048], 5, DType::F32);
-    for (name, f) in [("fused", rms_norm as RmsFn), ("reference", rms_norm_reference as RmsFn)] {
+    for (name, f) in [
+        ("fused", rms_norm as RmsFn),
+        ("reference", rms_norm_reference as RmsFn),
+    ] {
         forward_and_grads(&f, &x, &w, &g); // warm-up
         let iters = 10;
         let start = std::time::Instant::now();

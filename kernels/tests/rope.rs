@@ -6,7 +6,9 @@
 //! argument errors and an ignored timing.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use kernels::testing::{assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{
+    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+};
 use kernels::{rope, rope_reference, rope_tables};
 
 type RopeFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
@@ -16,12 +18,21 @@ const THETA: f64 = 10_000.0;
 /// Reproducible uniform values in [-scale, scale) (splitmix64; candle's CPU rng cannot be seeded).
 fn pseudo_random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let data: Vec<f64> = kernels::testing::uniform_values(n, seed).into_iter().map(|u| scale * u).collect();
+    let data: Vec<f64> = kernels::testing::uniform_values(n, seed)
+        .into_iter()
+        .map(|u| scale * u)
+        .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
 /// Output and dx of `sum(f(x, cos, sin) * g)` with x as a Var (cos, sin constants).
-fn forward_and_grad(f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, x: &Tensor, cos: &Tensor, sin: &Tensor, g: &Tensor) -> [Tensor; 2] {
+fn forward_and_grad(
+    f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    g: &Tensor,
+) -> [Tensor; 2] {
     let xv = Var::from_tensor(x).unwrap();
     let y = f(xv.as_tensor(), cos, sin).unwrap();
     let grads = y.mul(g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -37,7 +48,10 @@ fn transformers_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
         let m = m.narrow(0, 0, t)?;
         Tensor::cat(&[&m, &m], D::Minus1)?.reshape((1, 1, t, d))
     };
-    let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, half)?,
+        x.narrow(D::Minus1, half, half)?,
+    );
     let rotate_half = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(&full(cos)?)? + rotate_half.broadcast_mul(&full(sin)?)?
 }
@@ -46,18 +60,34 @@ fn transformers_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// `rope_tables` in `dtype` (longer than T in some cases: only the first T rows count).
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
     // (B, H, T, D) and the table length; (2, 4, 100, 64) is 800 rows = 4 rayon tasks, the last ragged.
-    let cases = [([2, 3, 13, 10], 13), ([2, 3, 13, 10], 29), ([1, 5, 7, 2], 7), ([2, 4, 100, 64], 128), ([1, 1, 1, 2], 1)];
+    let cases = [
+        ([2, 3, 13, 10], 13),
+        ([2, 3, 13, 10], 29),
+        ([1, 5, 7, 2], 7),
+        ([2, 4, 100, 64], 128),
+        ([1, 1, 1, 2], 1),
+    ];
     for (i, (dims, table_len)) in cases.iter().enumerate() {
-        let x = pseudo_random(dims, 10 * i as u64, 2.0).to_dtype(dtype).unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0).to_dtype(dtype).unwrap();
+        let x = pseudo_random(dims, 10 * i as u64, 2.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
+            .to_dtype(dtype)
+            .unwrap();
         let (cos, sin) = rope_tables(*table_len, dims[3], THETA, dtype, &Device::Cpu).unwrap();
         let fast = forward_and_grad(&rope, &x, &cos, &sin, &g);
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let reference = forward_and_grad(&rope_reference, &f32(&x), &f32(&cos), &f32(&sin), &f32(&g));
+        let reference =
+            forward_and_grad(&rope_reference, &f32(&x), &f32(&cos), &f32(&sin), &f32(&g));
         for (name, (a, e)) in ["y", "dx"].iter().zip(fast.iter().zip(&reference)) {
             assert_eq!(a.dtype(), dtype, "{name} dtype");
             assert_eq!(a.dims(), dims, "{name} shape");
-            assert_close(a, e, tol, &format!("rope {name} {dtype:?} {dims:?} table {table_len}"));
+            assert_close(
+                a,
+                e,
+                tol,
+                &format!("rope {name} {dtype:?} {dims:?} table {table_len}"),
+            );
         }
     }
 }
@@ -71,13 +101,21 @@ fn rope_tables_match_hand_computed_angles() {
     let angles = [[0.0f64, 0.0], [1.0, 0.1], [2.0, 0.2]];
     let expected_cos = Tensor::new(&angles.map(|r| r.map(f64::cos)), &Device::Cpu).unwrap();
     let expected_sin = Tensor::new(&angles.map(|r| r.map(f64::sin)), &Device::Cpu).unwrap();
-    let tight = Tolerance { rtol: 1e-12, atol: 1e-14 };
+    let tight = Tolerance {
+        rtol: 1e-12,
+        atol: 1e-14,
+    };
     assert_close(&cos, &expected_cos, tight, "rope_tables cos");
     assert_close(&sin, &expected_sin, tight, "rope_tables sin");
     // Other dtypes are the f64 values rounded once.
     let (cos16, _) = rope_tables(3, 4, 100.0, DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(cos16.dtype(), DType::BF16);
-    assert_close(&cos16, &expected_cos.to_dtype(DType::F32).unwrap(), BF16_TOL, "rope_tables bf16");
+    assert_close(
+        &cos16,
+        &expected_cos.to_dtype(DType::F32).unwrap(),
+        BF16_TOL,
+        "rope_tables bf16",
+    );
 }
 
 #[test]
@@ -88,15 +126,33 @@ fn rope_matches_transformers_rotate_half_formula_on_hand_checkable_case() {
     let x = Tensor::new(&[[[[1f32, 2., 3., 4.], [1., 2., 3., 4.]]]], &Device::Cpu).unwrap();
     let cos = Tensor::new(&[[1f32, 1.], [0., 0.6]], &Device::Cpu).unwrap();
     let sin = Tensor::new(&[[0f32, 0.], [1., 0.8]], &Device::Cpu).unwrap();
-    let expected = Tensor::new(&[[[[1f32, 2., 3., 4.], [-3., -2., 1., 4.]]]], &Device::Cpu).unwrap();
-    assert_close(&transformers_formula(&x, &cos, &sin).unwrap(), &expected, F32_TOL, "transformers formula");
-    assert_close(&rope_reference(&x, &cos, &sin).unwrap(), &expected, F32_TOL, "rope_reference");
+    let expected =
+        Tensor::new(&[[[[1f32, 2., 3., 4.], [-3., -2., 1., 4.]]]], &Device::Cpu).unwrap();
+    assert_close(
+        &transformers_formula(&x, &cos, &sin).unwrap(),
+        &expected,
+        F32_TOL,
+        "transformers formula",
+    );
+    assert_close(
+        &rope_reference(&x, &cos, &sin).unwrap(),
+        &expected,
+        F32_TOL,
+        "rope_reference",
+    );
     assert_close(&rope(&x, &cos, &sin).unwrap(), &expected, F32_TOL, "rope");
     // And at the odd test size with real tables.
-    let x = pseudo_random(&[2, 3, 13, 10], 3, 2.0).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[2, 3, 13, 10], 3, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
     let want = transformers_formula(&x, &cos, &sin).unwrap();
-    assert_close(&rope(&x, &cos, &sin).unwrap(), &want, F32_TOL, "rope vs transformers formula (2,3,13,10)");
+    assert_close(
+        &rope(&x, &cos, &sin).unwrap(),
+        &want,
+        F32_TOL,
+        "rope vs transformers formula (2,3,13,10)",
+    );
 }
 
 #[test]
@@ -106,20 +162,47 @@ fn rope_reference_gradients_match_finite_differences() {
     let cos = pseudo_random(&[3, 3], 2, 1.0);
     let sin = pseudo_random(&[3, 3], 3, 1.0);
     let g = pseudo_random(&[2, 2, 3, 6], 4, 1.0);
-    let (xv, cv, sv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&cos).unwrap(), Var::from_tensor(&sin).unwrap());
+    let (xv, cv, sv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&cos).unwrap(),
+        Var::from_tensor(&sin).unwrap(),
+    );
     let y = rope_reference(xv.as_tensor(), cv.as_tensor(), sv.as_tensor()).unwrap();
     let grads = y.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
-    let loss = |x: &Tensor, c: &Tensor, s: &Tensor| -> Result<f64> { rope_reference(x, c, s)?.mul(&g)?.sum_all()?.to_scalar::<f64>() };
-    let tol = Tolerance { rtol: 1e-6, atol: 1e-8 };
+    let loss = |x: &Tensor, c: &Tensor, s: &Tensor| -> Result<f64> {
+        rope_reference(x, c, s)?
+            .mul(&g)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
+    let tol = Tolerance {
+        rtol: 1e-6,
+        atol: 1e-8,
+    };
     let fd_x = finite_difference_grad(&x, 1e-5, |x| loss(x, &cos, &sin)).unwrap();
     let fd_c = finite_difference_grad(&cos, 1e-5, |c| loss(&x, c, &sin)).unwrap();
     let fd_s = finite_difference_grad(&sin, 1e-5, |s| loss(&x, &cos, s)).unwrap();
     let dx = grads.get(&xv).unwrap();
     assert_close(dx, &fd_x, tol, "dx vs finite differences");
-    assert_close(grads.get(&cv).unwrap(), &fd_c, tol, "dcos vs finite differences");
-    assert_close(grads.get(&sv).unwrap(), &fd_s, tol, "dsin vs finite differences");
+    assert_close(
+        grads.get(&cv).unwrap(),
+        &fd_c,
+        tol,
+        "dcos vs finite differences",
+    );
+    assert_close(
+        grads.get(&sv).unwrap(),
+        &fd_s,
+        tol,
+        "dsin vs finite differences",
+    );
     // The check must be able to fail: a gradient off by 0.1% is rejected.
-    assert!(closeness(&dx.affine(1.001, 0.0).unwrap(), &fd_x, tol).unwrap().0 > 1.0);
+    assert!(
+        closeness(&dx.affine(1.001, 0.0).unwrap(), &fd_x, tol)
+            .unwrap()
+            .0
+            > 1.0
+    );
 }
 
 #[test]
@@ -140,7 +223,9 @@ fn rope_forward_and_gradient_match_reference_f16() {
 #[test]
 fn rope_gradient_is_the_inverse_rotation_and_norms_are_preserved() {
     // With true cos/sin the op is orthogonal: d sum(R x * g)/dx = R^T g, so g = R x gives back x.
-    let x = pseudo_random(&[2, 3, 13, 10], 5, 2.0).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[2, 3, 13, 10], 5, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
     let y = rope(&x, &cos, &sin).unwrap();
     let [_, dx] = forward_and_grad(&rope, &x, &cos, &sin, &y);
@@ -154,10 +239,21 @@ fn rope_gradient_is_the_inverse_rotation_and_norms_are_preserved() {
 
 #[test]
 fn rope_gives_no_gradient_to_the_tables() {
-    let x = pseudo_random(&[1, 2, 3, 4], 6, 1.0).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[1, 2, 3, 4], 6, 1.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let (cos, sin) = rope_tables(3, 4, THETA, DType::F32, &Device::Cpu).unwrap();
-    let (xv, cv, sv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&cos).unwrap(), Var::from_tensor(&sin).unwrap());
-    let grads = rope(xv.as_tensor(), cv.as_tensor(), sv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let (xv, cv, sv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&cos).unwrap(),
+        Var::from_tensor(&sin).unwrap(),
+    );
+    let grads = rope(xv.as_tensor(), cv.as_tensor(), sv.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(grads.get(&xv).is_some());
     assert!(grads.get(&cv).is_none() && grads.get(&sv).is_none());
 }
@@ -165,8 +261,12 @@ fn rope_gives_no_gradient_to_the_tables() {
 #[test]
 fn rope_accepts_strided_input() {
     // Llama's q: (B, T, H, D) from the projection, transposed to (B, H, T, D) (a strided view).
-    let x = pseudo_random(&[2, 13, 3, 10], 7, 2.0).to_dtype(DType::F32).unwrap();
-    let g = pseudo_random(&[2, 3, 13, 10], 8, 1.0).to_dtype(DType::F32).unwrap();
+    let x = pseudo_random(&[2, 13, 3, 10], 7, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let g = pseudo_random(&[2, 3, 13, 10], 8, 1.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
     let via_t = |f: RopeFn| move |x: &Tensor, c: &Tensor, s: &Tensor| f(&x.transpose(1, 2)?, c, s);
     let fast = forward_and_grad(&via_t(rope), &x, &cos, &sin, &g);
@@ -183,18 +283,51 @@ fn rope_rejects_odd_head_dim_short_tables_and_mismatches() {
     let check = |x: &Tensor, c: &Tensor, s: &Tensor, needles: &[&str]| {
         for f in [rope as RopeFn, rope_reference] {
             let err = f(x, c, s).unwrap_err().to_string();
-            assert!(err.contains("rope") && needles.iter().all(|n| err.contains(n)), "{err}");
+            assert!(
+                err.contains("rope") && needles.iter().all(|n| err.contains(n)),
+                "{err}"
+            );
         }
     };
     // Odd D.
-    check(&f32(&[1, 1, 2, 5]), &f32(&[2, 2]), &f32(&[2, 2]), &["even", "5"]);
+    check(
+        &f32(&[1, 1, 2, 5]),
+        &f32(&[2, 2]),
+        &f32(&[2, 2]),
+        &["even", "5"],
+    );
     // Tables shorter than T.
-    check(&f32(&[1, 2, 4, 6]), &f32(&[3, 3]), &f32(&[3, 3]), &["cos", "3 positions", "T = 4"]);
-    check(&f32(&[1, 2, 4, 6]), &f32(&[4, 3]), &f32(&[3, 3]), &["sin", "3 positions", "T = 4"]);
+    check(
+        &f32(&[1, 2, 4, 6]),
+        &f32(&[3, 3]),
+        &f32(&[3, 3]),
+        &["cos", "3 positions", "T = 4"],
+    );
+    check(
+        &f32(&[1, 2, 4, 6]),
+        &f32(&[4, 3]),
+        &f32(&[3, 3]),
+        &["sin", "3 positions", "T = 4"],
+    );
     // Wrong table width, wrong rank.
-    check(&f32(&[1, 2, 4, 6]), &f32(&[4, 6]), &f32(&[4, 6]), &["width 6", "D/2 = 3"]);
-    check(&f32(&[2, 4, 6]), &f32(&[4, 3]), &f32(&[4, 3]), &["(B, H, T, D)", "[2, 4, 6]"]);
-    check(&f32(&[1, 2, 4, 6]), &f32(&[12]), &f32(&[4, 3]), &["cos", "(T, D/2)", "[12]"]);
+    check(
+        &f32(&[1, 2, 4, 6]),
+        &f32(&[4, 6]),
+        &f32(&[4, 6]),
+        &["width 6", "D/2 = 3"],
+    );
+    check(
+        &f32(&[2, 4, 6]),
+        &f32(&[4, 3]),
+        &f32(&[4, 3]),
+        &["(B, H, T, D)", "[2, 4, 6]"],
+    );
+    check(
+        &f32(&[1, 2, 4, 6]),
+        &f32(&[12]),
+        &f32(&[4, 3]),
+        &["cos", "(T, D/2)", "[12]"],
+    );
     // dtype mismatch between x and the tables.
     let bf = Tensor::zeros((4, 3), DType::BF16, dev).unwrap();
     check(&f32(&[1, 2, 4, 6]), &bf, &bf, &["dtype", "BF16"]);
@@ -204,11 +337,23 @@ fn rope_rejects_odd_head_dim_short_tables_and_mismatches() {
     let err = rope(&x64, &c64, &s64).unwrap_err().to_string();
     assert!(err.contains("rope") && err.contains("F64"), "{err}");
     // rope_tables arguments.
-    let err = rope_tables(4, 7, THETA, DType::F32, dev).unwrap_err().to_string();
-    assert!(err.contains("rope_tables") && err.contains("even") && err.contains('7'), "{err}");
-    let err = rope_tables(4, 8, 0.0, DType::F32, dev).unwrap_err().to_string();
-    assert!(err.contains("rope_tables") && err.contains("theta"), "{err}");
-    let err = rope_tables(4, 8, THETA, DType::U32, dev).unwrap_err().to_string();
+    let err = rope_tables(4, 7, THETA, DType::F32, dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rope_tables") && err.contains("even") && err.contains('7'),
+        "{err}"
+    );
+    let err = rope_tables(4, 8, 0.0, DType::F32, dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rope_tables") && err.contains("theta"),
+        "{err}"
+    );
+    let err = rope_tables(4, 8, THETA, DType::U32, dev)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rope_tables") && err.contains("U32"), "{err}");
 }
 
@@ -220,7 +365,10 @@ fn rope_speed_vs_reference() {
     let x = pseudo_random(&dims, 5, 2.0).to_dtype(DType::F32).unwrap();
     let g = pseudo_random(&dims, 6, 1.0).to_dtype(DType::F32).unwrap();
     let (cos, sin) = rope_tables(512, 64, THETA, DType::F32, &Device::Cpu).unwrap();
-    for (name, f) in [("fused", rope as RopeFn), ("reference", rope_reference as RopeFn)] {
+    for (name, f) in [
+        ("fused", rope as RopeFn),
+        ("reference", rope_reference as RopeFn),
+    ] {
         forward_and_grad(&f, &x, &cos, &sin, &g); // warm-up
         let iters = 10;
         let start = std::time::Instant::now();

@@ -5,7 +5,9 @@
 //! and beyond, a strided input, argument errors and an ignored timing.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use kernels::testing::{assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{
+    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+};
 use kernels::{swiglu, swiglu_reference};
 
 type SwiGluFn = fn(&Tensor, &Tensor) -> Result<Tensor>;
@@ -13,13 +15,24 @@ type SwiGluFn = fn(&Tensor, &Tensor) -> Result<Tensor>;
 /// Reproducible uniform values in [-scale, scale) (splitmix64; candle's CPU rng cannot be seeded).
 fn pseudo_random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let data: Vec<f64> = kernels::testing::uniform_values(n, seed).into_iter().map(|u| scale * u).collect();
+    let data: Vec<f64> = kernels::testing::uniform_values(n, seed)
+        .into_iter()
+        .map(|u| scale * u)
+        .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
 /// Output and (dgate, dup) of `sum(f(gate, up) * g)` with gate and up as Vars.
-fn forward_and_grads(f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>, gate: &Tensor, up: &Tensor, g: &Tensor) -> [Tensor; 3] {
-    let (gv, uv) = (Var::from_tensor(gate).unwrap(), Var::from_tensor(up).unwrap());
+fn forward_and_grads(
+    f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    gate: &Tensor,
+    up: &Tensor,
+    g: &Tensor,
+) -> [Tensor; 3] {
+    let (gv, uv) = (
+        Var::from_tensor(gate).unwrap(),
+        Var::from_tensor(up).unwrap(),
+    );
     let y = f(gv.as_tensor(), uv.as_tensor()).unwrap();
     let grads = y.mul(g).unwrap().sum_all().unwrap().backward().unwrap();
     let get = |v: &Var| grads.get(v).expect("missing gradient").clone();
@@ -28,15 +41,27 @@ fn forward_and_grads(f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>, gate: &Tens
 
 /// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]].iter().enumerate() {
+    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
+        .iter()
+        .enumerate()
+    {
         // gate in +-8 covers both saturated tails and the curved middle.
-        let gate = pseudo_random(dims, 10 * i as u64, 8.0).to_dtype(dtype).unwrap();
-        let up = pseudo_random(dims, 10 * i as u64 + 1, 2.0).to_dtype(dtype).unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 2, 1.0).to_dtype(dtype).unwrap();
+        let gate = pseudo_random(dims, 10 * i as u64, 8.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let up = pseudo_random(dims, 10 * i as u64 + 1, 2.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let g = pseudo_random(dims, 10 * i as u64 + 2, 1.0)
+            .to_dtype(dtype)
+            .unwrap();
         let fast = forward_and_grads(&swiglu, &gate, &up, &g);
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let reference = forward_and_grads(&swiglu_reference, &f32(&gate), &f32(&up), &f32(&g));
-        for (name, (a, e)) in ["y", "dgate", "dup"].iter().zip(fast.iter().zip(&reference)) {
+        for (name, (a, e)) in ["y", "dgate", "dup"]
+            .iter()
+            .zip(fast.iter().zip(&reference))
+        {
             assert_eq!(a.dtype(), dtype, "{name} dtype");
             assert_close(a, e, tol, &format!("swiglu {name} {dtype:?} {dims:?}"));
         }
@@ -48,18 +73,46 @@ fn swiglu_reference_and_fast_path_match_known_values() {
     // silu(g) = g / (1 + exp(-g)) evaluated in f64, times up.
     let gates = [-6.0f64, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 6.0];
     let ups = [1.0f64, 2.0, -1.0, 3.0, 1.0, -0.5, 1.5, 1.0];
-    let expected: Vec<f64> = gates.iter().zip(&ups).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+    let expected: Vec<f64> = gates
+        .iter()
+        .zip(&ups)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
     // Spot check of the formula itself: silu(1) = 1 / (1 + e^-1) = 0.7310585786300049.
     assert!((expected[5] - 0.7310585786300049 * -0.5).abs() < 1e-15);
     let dev = &Device::Cpu;
-    let (gate, up) = (Tensor::new(&gates, dev).unwrap(), Tensor::new(&ups, dev).unwrap());
+    let (gate, up) = (
+        Tensor::new(&gates, dev).unwrap(),
+        Tensor::new(&ups, dev).unwrap(),
+    );
     let e = Tensor::new(expected.as_slice(), dev).unwrap();
-    let tight = Tolerance { rtol: 1e-12, atol: 1e-14 };
-    assert_close(&swiglu_reference(&gate, &up).unwrap(), &e, tight, "swiglu_reference f64");
+    let tight = Tolerance {
+        rtol: 1e-12,
+        atol: 1e-14,
+    };
+    assert_close(
+        &swiglu_reference(&gate, &up).unwrap(),
+        &e,
+        tight,
+        "swiglu_reference f64",
+    );
     let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let f32_tol = Tolerance { rtol: 1e-6, atol: 1e-7 };
-    assert_close(&swiglu_reference(&f32(&gate), &f32(&up)).unwrap(), &f32(&e), f32_tol, "swiglu_reference f32");
-    assert_close(&swiglu(&f32(&gate), &f32(&up)).unwrap(), &f32(&e), f32_tol, "swiglu f32");
+    let f32_tol = Tolerance {
+        rtol: 1e-6,
+        atol: 1e-7,
+    };
+    assert_close(
+        &swiglu_reference(&f32(&gate), &f32(&up)).unwrap(),
+        &f32(&e),
+        f32_tol,
+        "swiglu_reference f32",
+    );
+    assert_close(
+        &swiglu(&f32(&gate), &f32(&up)).unwrap(),
+        &f32(&e),
+        f32_tol,
+        "swiglu f32",
+    );
 }
 
 #[test]
@@ -68,14 +121,27 @@ fn swiglu_reference_gradients_match_finite_differences() {
     let up = pseudo_random(&[3, 5], 2, 2.0);
     let g = pseudo_random(&[3, 5], 3, 1.0);
     let [_, dgate, dup] = forward_and_grads(&swiglu_reference, &gate, &up, &g);
-    let loss = |a: &Tensor, b: &Tensor| -> Result<f64> { swiglu_reference(a, b)?.mul(&g)?.sum_all()?.to_scalar::<f64>() };
-    let tol = Tolerance { rtol: 1e-6, atol: 1e-8 };
+    let loss = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        swiglu_reference(a, b)?
+            .mul(&g)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
+    let tol = Tolerance {
+        rtol: 1e-6,
+        atol: 1e-8,
+    };
     let fd_gate = finite_difference_grad(&gate, 1e-5, |a| loss(a, &up)).unwrap();
     let fd_up = finite_difference_grad(&up, 1e-5, |b| loss(&gate, b)).unwrap();
     assert_close(&dgate, &fd_gate, tol, "dgate vs finite differences");
     assert_close(&dup, &fd_up, tol, "dup vs finite differences");
     // The check must be able to fail: a gradient off by 0.1% is rejected.
-    assert!(closeness(&dgate.affine(1.001, 0.0).unwrap(), &fd_gate, tol).unwrap().0 > 1.0);
+    assert!(
+        closeness(&dgate.affine(1.001, 0.0).unwrap(), &fd_gate, tol)
+            .unwrap()
+            .0
+            > 1.0
+    );
 }
 
 #[test]
@@ -95,8 +161,9 @@ fn swiglu_forward_and_gradients_match_reference_f16() {
 
 #[test]
 fn swiglu_saturates_without_nan_at_plus_minus_100_and_beyond() {
-    // silu(g) -> g and d silu/dg -> 1 for g -> +inf; both -> 0 for g -> -inf. A naive
-    // 1 / (1 + exp(-g)) overflows exp for g < -88 in f32, and its gradient then gives inf * 0 = NaN.
+    // silu(g) -> g and d silu/dg -> 1 for g -> +inf; both -> 0 for g -> -inf. Naive sigmoids fail
+    // here: exp(g) / (1 + exp(g)) is inf / inf = NaN for g > 88 in f32, and candle's gradient of the
+    // composed 1 / (1 + exp(-g)) is 0 * exp(-g) = 0 * inf = NaN for g < -88 (both tried).
     let dev = &Device::Cpu;
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // f16 overflows above 65504: keep its inputs to +-100.
@@ -110,16 +177,40 @@ fn swiglu_saturates_without_nan_at_plus_minus_100_and_beyond() {
         let g = Tensor::ones(n, dtype, dev).unwrap();
         // Expected values from the gates as rounded to `dtype` (1e4 is 9984 in bf16).
         let rounded = gate.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        let expect = |f: fn(f32) -> f32| Tensor::new(rounded.iter().map(|&x| f(x)).collect::<Vec<f32>>().as_slice(), dev).unwrap();
+        let expect = |f: fn(f32) -> f32| {
+            Tensor::new(
+                rounded
+                    .iter()
+                    .map(|&x| f(x))
+                    .collect::<Vec<f32>>()
+                    .as_slice(),
+                dev,
+            )
+            .unwrap()
+        };
         let expected_y = expect(|x| if x > 0.0 { 2.0 * x } else { 0.0 });
         let expected_dgate = expect(|x| if x > 0.0 { 2.0 } else { 0.0 });
         let expected_dup = expect(|x| if x > 0.0 { x } else { 0.0 });
-        let tol = if dtype == DType::F32 { F32_TOL } else { BF16_TOL };
-        for (name, f) in [("swiglu", swiglu as SwiGluFn), ("swiglu_reference", swiglu_reference)] {
+        let tol = if dtype == DType::F32 {
+            F32_TOL
+        } else {
+            BF16_TOL
+        };
+        for (name, f) in [
+            ("swiglu", swiglu as SwiGluFn),
+            ("swiglu_reference", swiglu_reference),
+        ] {
             let [y, dgate, dup] = forward_and_grads(&f, &gate, &up, &g);
-            for (what, a, e) in [("y", &y, &expected_y), ("dgate", &dgate, &expected_dgate), ("dup", &dup, &expected_dup)] {
+            for (what, a, e) in [
+                ("y", &y, &expected_y),
+                ("dgate", &dgate, &expected_dgate),
+                ("dup", &dup, &expected_dup),
+            ] {
                 let values = a.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-                assert!(values.iter().all(|v| v.is_finite()), "{name} {what} {dtype:?}: {values:?}");
+                assert!(
+                    values.iter().all(|v| v.is_finite()),
+                    "{name} {what} {dtype:?}: {values:?}"
+                );
                 assert_close(a, e, tol, &format!("{name} {what} {dtype:?} in the tails"));
             }
         }
@@ -128,14 +219,23 @@ fn swiglu_saturates_without_nan_at_plus_minus_100_and_beyond() {
 
 #[test]
 fn swiglu_accepts_strided_inputs() {
-    let gate = pseudo_random(&[77, 37], 3, 6.0).to_dtype(DType::F32).unwrap();
-    let up = pseudo_random(&[77, 37], 4, 2.0).to_dtype(DType::F32).unwrap();
-    let g = pseudo_random(&[37, 77], 5, 1.0).to_dtype(DType::F32).unwrap();
+    let gate = pseudo_random(&[77, 37], 3, 6.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let up = pseudo_random(&[77, 37], 4, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let g = pseudo_random(&[37, 77], 5, 1.0)
+        .to_dtype(DType::F32)
+        .unwrap();
     let via_t = |f: SwiGluFn| move |a: &Tensor, b: &Tensor| f(&a.t()?, &b.t()?);
     let fast = forward_and_grads(&via_t(swiglu), &gate, &up, &g);
     let reference = forward_and_grads(&via_t(swiglu_reference), &gate, &up, &g);
     assert_eq!(fast[1].dims(), [77, 37]);
-    for (name, (a, e)) in ["y", "dgate", "dup"].iter().zip(fast.iter().zip(&reference)) {
+    for (name, (a, e)) in ["y", "dgate", "dup"]
+        .iter()
+        .zip(fast.iter().zip(&reference))
+    {
         assert_close(a, e, F32_TOL, &format!("strided swiglu {name}"));
     }
 }
@@ -146,10 +246,18 @@ fn swiglu_rejects_mismatched_shapes_and_dtypes() {
     let up = pseudo_random(&[4, 5], 7, 1.0).to_dtype(DType::F32).unwrap();
     for f in [swiglu as SwiGluFn, swiglu_reference] {
         let err = f(&gate, &up).unwrap_err().to_string();
-        assert!(err.contains("swiglu") && err.contains("[4, 6]") && err.contains("[4, 5]"), "{err}");
+        assert!(
+            err.contains("swiglu") && err.contains("[4, 6]") && err.contains("[4, 5]"),
+            "{err}"
+        );
     }
-    let err = swiglu(&gate, &gate.to_dtype(DType::BF16).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("swiglu") && err.contains("dtype") && err.contains("BF16"), "{err}");
+    let err = swiglu(&gate, &gate.to_dtype(DType::BF16).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("swiglu") && err.contains("dtype") && err.contains("BF16"),
+        "{err}"
+    );
     // f64 is for the reference only.
     let g64 = gate.to_dtype(DType::F64).unwrap();
     let err = swiglu(&g64, &g64).unwrap_err().to_string();
@@ -164,7 +272,10 @@ fn swiglu_speed_vs_reference() {
     let gate = pseudo_random(&dims, 5, 4.0).to_dtype(DType::F32).unwrap();
     let up = pseudo_random(&dims, 6, 1.0).to_dtype(DType::F32).unwrap();
     let g = pseudo_random(&dims, 7, 1.0).to_dtype(DType::F32).unwrap();
-    for (name, f) in [("fused", swiglu as SwiGluFn), ("reference", swiglu_reference as SwiGluFn)] {
+    for (name, f) in [
+        ("fused", swiglu as SwiGluFn),
+        ("reference", swiglu_reference as SwiGluFn),
+    ] {
         forward_and_grads(&f, &gate, &up, &g); // warm-up
         let iters = 5;
         let start = std::time::Instant::now();

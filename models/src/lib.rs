@@ -6,8 +6,12 @@
 //! torchtitan's rule that models know nothing of parallelism, and it lets the engine run the
 //! backward one block at a time (see docs/ARCHITECTURE.md, "Why per-block backward").
 
+pub mod any;
 pub mod block_model;
 pub mod gpt2;
+pub mod llama;
 
+pub use any::{AnyConfig, AnyModel};
 pub use block_model::{BlockModel, Carry, Init, ParamSpec, UnitSpec};
 pub use gpt2::{Gpt2, Gpt2Config};
+pub use llama::{Llama, LlamaConfig};

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use models::Gpt2;
 
 use crate::engine::{Engine, EngineOptions};
 use crate::model_io;
@@ -145,7 +144,7 @@ pub fn read_token_sequences(path: &Path, vocab_size: usize, context: usize) -> R
 
 /// The (inputs, targets) rows to evaluate, from the options and the loaded model.
 fn eval_rows(opts: &EvalOptions, loaded: &model_io::LoadedModel) -> Result<Vec<Row>, BoxError> {
-    let context = loaded.config.context;
+    let context = loaded.config.context();
     match &opts.input {
         EvalInput::Text(path) => {
             let window = if opts.seq_len == 0 { loaded.train_seq_len.min(context) } else { opts.seq_len };
@@ -167,7 +166,7 @@ fn eval_rows(opts: &EvalOptions, loaded: &model_io::LoadedModel) -> Result<Vec<R
             if opts.seq_len != 0 {
                 return Err("--seq-len applies to --text only; a --tokens file gives its own sequences".into());
             }
-            let seqs = read_token_sequences(path, loaded.config.vocab_size, context)?;
+            let seqs = read_token_sequences(path, loaded.config.vocab_size(), context)?;
             Ok(seqs.into_iter().map(|s| (s[..s.len() - 1].to_vec(), s[1..].to_vec())).collect())
         }
     }
@@ -181,7 +180,7 @@ pub fn run_eval(opts: &EvalOptions) -> Result<EvalReport, BoxError> {
     }
     let loaded = model_io::load_model_folder(&opts.model)?;
     let rows = eval_rows(opts, &loaded)?;
-    let mut engine = Engine::new(Gpt2::new(loaded.config.clone())?, single_rank()?, 0, Device::Cpu, EngineOptions::single())?;
+    let mut engine = Engine::new(loaded.config.build()?, single_rank()?, 0, Device::Cpu, EngineOptions::single())?;
     engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", opts.model.display()))?;
 
     let start = Instant::now();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use datasets::{Tokenizer, TokenizerKind};
-use models::Gpt2Config;
+use models::{AnyConfig, Gpt2Config, LlamaConfig};
 use safetensors::{Dtype, SafeTensors};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -176,8 +176,8 @@ pub fn save_model_folder_as(
 
 /// A model folder read back: config, parameters by name (f32) and tokenizer.
 pub struct LoadedModel {
-    pub config: Gpt2Config,
-    /// Longest input the model was trained on (`n_positions` when not recorded).
+    pub config: AnyConfig,
+    /// Longest input the model was trained on (the model's context when not recorded).
     pub train_seq_len: usize,
     pub params: HashMap<String, (Vec<usize>, Vec<f32>)>,
     pub tokenizer: Tokenizer,
@@ -190,38 +190,94 @@ fn json_usize(v: &serde_json::Value, key: &str, file: &Path) -> Result<usize, Bo
         .ok_or_else(|| format!("{}: missing or invalid integer key {key:?}", file.display()).into())
 }
 
-pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| format!("cannot read {} ({e}); expected a model folder written by `zero-candle train`", config_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", config_path.display()))?;
-    if v.get("model_type").and_then(|m| m.as_str()) != Some("gpt2") {
-        return Err(format!("{}: model_type must be \"gpt2\"", config_path.display()).into());
+/// The model config of a Hugging Face config.json (GPT2Config or LlamaConfig keys).
+pub fn parse_hf_config(v: &serde_json::Value, file: &Path) -> Result<AnyConfig, BoxError> {
+    match v.get("model_type").and_then(|m| m.as_str()) {
+        Some("gpt2") => Ok(AnyConfig::Gpt2(Gpt2Config {
+            vocab_size: json_usize(v, "vocab_size", file)?,
+            context: json_usize(v, "n_positions", file)?,
+            n_layer: json_usize(v, "n_layer", file)?,
+            n_head: json_usize(v, "n_head", file)?,
+            n_embd: json_usize(v, "n_embd", file)?,
+            layer_norm_eps: v.get("layer_norm_epsilon").and_then(|x| x.as_f64()).unwrap_or(1e-5),
+        })),
+        Some("llama") => {
+            let heads = json_usize(v, "num_attention_heads", file)?;
+            if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str()) {
+                if act != "silu" {
+                    return Err(format!("{}: hidden_act {act:?} is not supported (Llama uses \"silu\")", file.display()).into());
+                }
+            }
+            let has = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
+            if has("attention_bias") || has("mlp_bias") {
+                return Err(format!("{}: attention_bias/mlp_bias are not supported", file.display()).into());
+            }
+            if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+                return Err(format!("{}: rope_scaling is not supported yet", file.display()).into());
+            }
+            Ok(AnyConfig::Llama(LlamaConfig {
+                vocab_size: json_usize(v, "vocab_size", file)?,
+                hidden_size: json_usize(v, "hidden_size", file)?,
+                intermediate_size: json_usize(v, "intermediate_size", file)?,
+                num_hidden_layers: json_usize(v, "num_hidden_layers", file)?,
+                num_attention_heads: heads,
+                num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
+                rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+                rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+                max_position_embeddings: json_usize(v, "max_position_embeddings", file)?,
+                tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            }))
+        }
+        other => Err(format!("{}: model_type {other:?} is not supported (\"gpt2\" or \"llama\")", file.display()).into()),
     }
-    let config = Gpt2Config {
-        vocab_size: json_usize(&v, "vocab_size", &config_path)?,
-        context: json_usize(&v, "n_positions", &config_path)?,
-        n_layer: json_usize(&v, "n_layer", &config_path)?,
-        n_head: json_usize(&v, "n_head", &config_path)?,
-        n_embd: json_usize(&v, "n_embd", &config_path)?,
-        layer_norm_eps: v.get("layer_norm_epsilon").and_then(|x| x.as_f64()).unwrap_or(1e-5),
-    };
+}
 
-    let train_seq_len = v.get("train_seq_len").and_then(|x| x.as_u64()).map_or(config.context, |x| x as usize);
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(|e| format!("cannot read {}: {e}", weights_path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a valid safetensors file: {e}", weights_path.display()))?;
-    let mut params = HashMap::new();
+/// The weight files of a folder: model.safetensors, or the shards listed in
+/// model.safetensors.index.json (model-0000x-of-0000y.safetensors).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, BoxError> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .map_err(|_| format!("{}: neither {WEIGHTS_FILE} nor model.safetensors.index.json is there", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", index.display()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| format!("{}: no weight_map", index.display()))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Read every tensor of `path` as f32.
+fn read_tensors(path: &Path, params: &mut HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<(), BoxError> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a valid safetensors file: {e}", path.display()))?;
     for (name, view) in st.tensors() {
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => {
-                return Err(format!("{}: tensor {name} is {other:?}; expected F32, BF16 or F16", weights_path.display()).into());
-            }
+            other => return Err(format!("{}: tensor {name} is {other:?}; expected F32, BF16 or F16", path.display()).into()),
         };
         params.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(())
+}
+
+/// Load a model folder: ours (`train`/`export`) or a Hugging Face GPT-2 / Llama folder
+/// (config.json, model.safetensors or sharded with an index, tokenizer.json).
+pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| format!("cannot read {} ({e}); expected a model folder (config.json, model.safetensors, tokenizer)", config_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", config_path.display()))?;
+    let config = parse_hf_config(&v, &config_path)?;
+    let train_seq_len = v.get("train_seq_len").and_then(|x| x.as_u64()).map_or(config.context(), |x| x as usize);
+    let mut params = HashMap::new();
+    for file in weight_files(dir)? {
+        read_tensors(&file, &mut params)?;
     }
     let kind = if dir.join(TokenizerKind::HuggingFace.file_name()).is_file() { TokenizerKind::HuggingFace } else { TokenizerKind::Char };
     let tokenizer = Tokenizer::load(dir, kind)?;

@@ -328,8 +328,8 @@ fn report_memory<C: Comm>(engine: &mut Engine<Gpt2, C>, metrics: Option<&mut Met
 }
 
 /// Generate a continuation of `cfg.prompt` and decode it, feeding at most `window` tokens.
-pub fn sample_text<C: Comm>(
-    engine: &mut Engine<Gpt2, C>,
+pub fn sample_text<M: models::BlockModel, C: Comm>(
+    engine: &mut Engine<M, C>,
     tokenizer: &datasets::Tokenizer,
     cfg: &crate::config::SampleConfig,
     window: usize,
@@ -343,7 +343,7 @@ pub fn sample_text<C: Comm>(
 /// `zero-candle sample`: load a model folder and print a continuation.
 pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64) -> Result<String, BoxError> {
     let loaded = model_io::load_model_folder(model_dir)?;
-    let mut engine = Engine::new(Gpt2::new(loaded.config.clone())?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
+    let mut engine = Engine::new(loaded.config.build()?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
     engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
-    sample_text(&mut engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context), seed)
+    sample_text(&mut engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context()), seed)
 }

@@ -1,0 +1,76 @@
+//! One type for "a model this project can load": GPT-2 or Llama, chosen by a Hugging Face
+//! config.json's `model_type`, so that sampling, evaluation and export need no per-model code.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::block_model::{BlockModel, Carry, UnitSpec};
+use crate::gpt2::{Gpt2, Gpt2Config};
+use crate::llama::{Llama, LlamaConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename_all = "lowercase")]
+pub enum AnyConfig {
+    Gpt2(Gpt2Config),
+    Llama(LlamaConfig),
+}
+
+impl AnyConfig {
+    /// Longest sequence the model has positions for.
+    pub fn context(&self) -> usize {
+        match self {
+            AnyConfig::Gpt2(c) => c.context,
+            AnyConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            AnyConfig::Gpt2(c) => c.vocab_size,
+            AnyConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    pub fn build(&self) -> Result<AnyModel> {
+        Ok(match self {
+            AnyConfig::Gpt2(c) => AnyModel::Gpt2(Gpt2::new(c.clone())?),
+            AnyConfig::Llama(c) => AnyModel::Llama(Llama::new(c.clone())?),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum AnyModel {
+    Gpt2(Gpt2),
+    Llama(Llama),
+}
+
+macro_rules! delegate {
+    ($self:ident, $m:ident => $e:expr) => {
+        match $self {
+            AnyModel::Gpt2($m) => $e,
+            AnyModel::Llama($m) => $e,
+        }
+    };
+}
+
+impl BlockModel for AnyModel {
+    fn units(&self) -> Vec<UnitSpec> {
+        delegate!(self, m => m.units())
+    }
+    fn num_blocks(&self) -> usize {
+        delegate!(self, m => m.num_blocks())
+    }
+    fn embed(&self, root: &[Tensor], ids: &Tensor) -> Result<Carry> {
+        delegate!(self, m => m.embed(root, ids))
+    }
+    fn block(&self, index: usize, params: &[Tensor], carry: &Carry) -> Result<Carry> {
+        delegate!(self, m => m.block(index, params, carry))
+    }
+    fn logits(&self, root: &[Tensor], carry: &Carry) -> Result<Tensor> {
+        delegate!(self, m => m.logits(root, carry))
+    }
+    fn head_loss(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<Tensor> {
+        delegate!(self, m => m.head_loss(root, carry, targets, divisor))
+    }
+}
