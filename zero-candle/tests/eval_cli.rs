@@ -63,15 +63,15 @@ fn save(dir: &Path, cfg: &Gpt2Config, params: &HashMap<String, (Vec<usize>, Vec<
 }
 
 /// An engine holding the weights of a saved folder, as read back (bf16 rounded).
-fn engine_for(dir: &Path) -> Engine<Gpt2, LocalComm> {
+fn engine_for(dir: &Path) -> Engine<models::AnyModel, LocalComm> {
     let loaded = model_io::load_model_folder(dir).unwrap();
-    let mut engine = Engine::new(Gpt2::new(loaded.config).unwrap(), single_rank().unwrap(), 0, Device::Cpu, EngineOptions::single()).unwrap();
+    let mut engine = Engine::new(loaded.config.build().unwrap(), single_rank().unwrap(), 0, Device::Cpu, EngineOptions::single()).unwrap();
     engine.load_parameters(&loaded.params).unwrap();
     engine
 }
 
 /// Summed next-token loss over `rows` (inputs, targets), each evaluated alone with no padding.
-fn direct_loss(engine: &mut Engine<Gpt2, LocalComm>, rows: &[(Vec<u32>, Vec<u32>)]) -> (f64, usize) {
+fn direct_loss(engine: &mut Engine<models::AnyModel, LocalComm>, rows: &[(Vec<u32>, Vec<u32>)]) -> (f64, usize) {
     let (mut sum, mut count) = (0.0, 0);
     for (x, y) in rows {
         let b = MicroBatch {
