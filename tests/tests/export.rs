@@ -152,7 +152,7 @@ fn f32_model_folder_has_hugging_face_names_shapes_values_and_config() {
     check_folder(&dir, &cfg, &params, ExportDtype::F32);
 
     let loaded = model_io::load_model_folder(&dir).unwrap();
-    assert_eq!(loaded.config, cfg);
+    assert_eq!(loaded.config, models::AnyConfig::Gpt2(cfg.clone()));
     assert_eq!(loaded.train_seq_len, 12);
     assert_eq!(loaded.params.len(), params.len());
     for (name, shape, values) in &params {
@@ -170,7 +170,7 @@ fn bf16_model_folder_rounds_each_value_and_reads_back_as_f32() {
     check_folder(&dir, &cfg, &params, ExportDtype::Bf16);
 
     let loaded = model_io::load_model_folder(&dir).unwrap();
-    assert_eq!(loaded.config, cfg);
+    assert_eq!(loaded.config, models::AnyConfig::Gpt2(cfg.clone()));
     for (name, shape, values) in &params {
         let rounded: Vec<f32> = values.iter().map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16)).collect();
         assert_eq!(&loaded.params[name], &(shape.clone(), rounded), "{name} read back");

@@ -574,32 +574,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inverse_permutation_undoes_llama_cpp_permutation() {
-        // 3 heads of head_dim 4 (rows 12), 5 columns; values identify (row, col).
-        let (rows, cols, n_head) = (12, 5, 3);
-        let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        let p = permute_qk_rows(&w, rows, cols, n_head).unwrap();
-        assert_ne!(p, w);
-        assert_eq!(unpermute_qk_rows(&p, rows, cols, n_head).unwrap(), w);
-        assert_eq!(permute_qk_rows(&unpermute_qk_rows(&w, rows, cols, n_head).unwrap(), rows, cols, n_head).unwrap(), w);
-    }
-
-    #[test]
-    fn permutation_hand_checked() {
-        // One column so each value is its Hugging Face row index. Two heads of head_dim 4:
-        // llama.cpp interleaves each head's halves: [0 1 | 2 3] -> [0 2 1 3].
-        let hf: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let gguf = permute_qk_rows(&hf, 8, 1, 2).unwrap();
-        assert_eq!(gguf, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
-        assert_eq!(unpermute_qk_rows(&gguf, 8, 1, 2).unwrap(), hf);
-        // Whole rows move: two columns.
-        let hf2: Vec<f32> = vec![0., 0.5, 1., 1.5, 2., 2.5, 3., 3.5];
-        assert_eq!(unpermute_qk_rows(&[0., 0.5, 2., 2.5, 1., 1.5, 3., 3.5], 4, 2, 1).unwrap(), hf2);
-        assert!(unpermute_qk_rows(&hf, 8, 1, 3).is_err());
-        assert!(unpermute_qk_rows(&hf, 4, 1, 1).is_err());
-    }
-
-    #[test]
     fn tensor_names() {
         assert_eq!(hf_tensor_name("blk.12.attn_k.weight").as_deref(), Some("model.layers.12.self_attn.k_proj.weight"));
         assert_eq!(hf_tensor_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));

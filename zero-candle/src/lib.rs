@@ -14,6 +14,7 @@ pub mod engine;
 pub mod estimate;
 pub mod eval;
 pub mod export;
+pub mod gguf;
 pub mod grad;
 pub mod layout;
 pub mod metrics;

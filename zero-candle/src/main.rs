@@ -63,6 +63,17 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: zero_candle::model_io::ExportDtype,
     },
+    /// Convert a llama-architecture GGUF file to a Hugging Face LlamaForCausalLM folder.
+    ConvertGguf {
+        /// The .gguf file (its tokenizer.json must sit beside it).
+        gguf: PathBuf,
+        /// Output folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights dtype: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: zero_candle::model_io::ExportDtype,
+    },
     /// Continue a prompt with a trained model folder (<out_dir>/model).
     Sample {
         #[arg(long)]
@@ -176,6 +187,10 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Export { checkpoint, out, dtype } => {
             let n = zero_candle::export::export_checkpoint(&checkpoint, &out, dtype)?;
             println!("exported {} ({n} parameters, {dtype}) to {}", checkpoint.display(), out.display());
+        }
+        Command::ConvertGguf { gguf, out, dtype } => {
+            let summary = zero_candle::gguf::convert_gguf(&gguf, &out, dtype)?;
+            println!("{}", summary.line(&gguf));
         }
         Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
             init_compute_threads(0);
