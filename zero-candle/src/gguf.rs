@@ -58,7 +58,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -200,7 +200,7 @@ fn qk_half(values: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<us
     if values.len() != rows * cols {
         return Err(format!("{} values for a [{rows}, {cols}] matrix", values.len()));
     }
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         return Err(format!("{rows} rows cannot be split into {n_head} heads of an even size"));
     }
     Ok(rows / n_head / 2)
@@ -275,7 +275,8 @@ impl Meta<'_> {
     fn float_opt(&self, key: &str) -> Result<Option<f64>, String> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::F32(x)) => Ok(Some(*x as f64)),
+            // The shortest decimal that reads back as this f32 (1e-5, not 9.999999747378752e-6).
+            Some(Value::F32(x)) => Ok(Some(format!("{x}").parse::<f64>().unwrap_or(*x as f64))),
             Some(Value::F64(x)) => Ok(Some(*x)),
             Some(v) => Err(format!("{}: GGUF metadata key {key:?} is {v:?}; expected a float", self.file.display())),
         }
@@ -290,11 +291,23 @@ impl Meta<'_> {
     }
 }
 
+/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+fn candle_message(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
+}
+
 /// Read a GGUF header (metadata and tensor table, no tensor data), naming the file in errors.
 pub fn read_gguf_header(path: &Path) -> Result<(Content, BufReader<File>), BoxError> {
     let file = File::open(path).map_err(|e| format!("cannot open GGUF file {}: {e}", path.display()))?;
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| format!("{}: not a readable GGUF file: {e}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let is_gguf = reader.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
+    if !is_gguf {
+        return Err(format!("{} is not a GGUF file (it does not start with the bytes \"GGUF\")", path.display()).into());
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let content =
+        Content::read(&mut reader).map_err(|e| format!("{}: not a readable GGUF file: {}", path.display(), candle_message(&e)))?;
     Ok((content, reader))
 }
 
@@ -487,12 +500,12 @@ pub fn convert_gguf(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<Conve
         let hf_name = hf_tensor_name(&gguf_name).ok_or_else(|| format!("{}: no Hugging Face name for tensor {gguf_name:?}", gguf.display()))?;
         let qt = content
             .tensor(&mut reader, &gguf_name, &Device::Cpu)
-            .map_err(|e| format!("{}: cannot read tensor {gguf_name:?}: {e}", gguf.display()))?;
+            .map_err(|e| format!("{}: cannot read tensor {gguf_name:?}: {}", gguf.display(), candle_message(&e)))?;
         let values: Vec<f32> = qt
             .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("{}: cannot dequantize tensor {gguf_name:?} ({:?}): {e}", gguf.display(), qt.dtype()))?;
+            .map_err(|e| format!("{}: cannot dequantize tensor {gguf_name:?} ({:?}): {}", gguf.display(), qt.dtype(), candle_message(&e)))?;
         let n_head = if gguf_name.ends_with(".attn_q.weight") {
             Some(config.num_attention_heads)
         } else if gguf_name.ends_with(".attn_k.weight") {
@@ -564,7 +577,9 @@ fn write_folder(
     for src in tokenizer_files {
         let Some(file_name) = src.file_name() else { continue };
         let dst = dir.join(file_name);
-        std::fs::copy(src, &dst).map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
+        // Read and write rather than fs::copy, which would carry over a read-only mode.
+        let bytes = std::fs::read(src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+        std::fs::write(&dst, bytes).map_err(|e| format!("cannot write {}: {e}", dst.display()))?;
     }
     Ok(())
 }
