@@ -77,7 +77,7 @@ fn save(dir: &Path, cfg: &Gpt2Config, params: &[(String, Vec<usize>, Vec<f32>)],
     let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
     let tokenizer = Tokenizer::Char(CharTokenizer::from_text("abcdefghijklm").unwrap());
     assert_eq!(tokenizer.vocab_size(), cfg.vocab_size);
-    model_io::save_model_folder_as(dir, cfg, 12, &named, &tokenizer, dtype).unwrap();
+    model_io::save_model_folder_as(dir, &models::AnyConfig::Gpt2(cfg.clone()), 12, &named, &tokenizer, dtype).unwrap();
 }
 
 /// Checks model.safetensors and config.json of `dir` against `params` for `dtype`.

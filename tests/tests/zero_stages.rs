@@ -276,3 +276,22 @@ fn f16_overflow_skips_the_step_on_every_rank_and_lowers_the_scale() {
         assert_eq!(*steps_taken, 0);
     }
 }
+
+#[test]
+fn load_parameters_at_every_stage_and_world_gives_back_the_same_weights() {
+    let source = train(1, 0, false, 1, DType::F32).params;
+    let by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = source.iter().map(|(n, s, v)| (n.clone(), (s.clone(), v.clone()))).collect();
+    for world in [2, 3] {
+        for stage in 0..=3u8 {
+            let options = EngineOptions { stage: ZeroStage::new(stage).unwrap(), recompute: stage == 3, ..EngineOptions::single() };
+            let got = run_ranks(world, Duration::from_secs(30), |comm: LocalComm| -> Result<_> {
+                let mut e = Engine::new(Gpt2::new(tiny())?, comm, 42, Device::Cpu, options)?;
+                e.load_parameters(&by_name)?;
+                e.full_parameters()
+            })
+            .unwrap()
+            .remove(0);
+            assert_eq!(got, source, "world {world} stage {stage}");
+        }
+    }
+}

@@ -23,7 +23,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use datasets::{LoaderState, Tokenizer, TokenizerKind};
-use models::{BlockModel, Gpt2Config};
+use models::{AnyConfig, BlockModel};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -59,7 +59,7 @@ pub struct Manifest {
     pub zero_stage: u8,
     pub compute_dtype: String,
     pub master_dtype: String,
-    pub model: Gpt2Config,
+    pub model: AnyConfig,
     /// The resolved configuration of the run that saved it (TOML).
     pub config: String,
     pub loader: LoaderState,
@@ -73,7 +73,7 @@ pub struct Manifest {
 /// What the training loop knows that the engine does not.
 pub struct RunState<'a> {
     pub step: usize,
-    pub model: &'a Gpt2Config,
+    pub model: &'a AnyConfig,
     pub config_toml: String,
     pub loader: LoaderState,
     pub tokens_seen: u64,
@@ -316,7 +316,7 @@ impl<'a> ShardReader<'a> {
 
 /// Check that a manifest was saved for this model (config and every parameter's name, shape and
 /// offset).
-pub fn check_compatible(dir: &Path, manifest: &Manifest, model: &Gpt2Config, layouts: &[&FlatLayout]) -> Result<(), BoxError> {
+pub fn check_compatible(dir: &Path, manifest: &Manifest, model: &AnyConfig, layouts: &[&FlatLayout]) -> Result<(), BoxError> {
     if &manifest.model != model {
         return Err(format!(
             "checkpoint {} was saved for model {:?}; this run builds {:?}: use the same [model] settings",
@@ -337,7 +337,7 @@ pub fn check_compatible(dir: &Path, manifest: &Manifest, model: &Gpt2Config, lay
 }
 
 /// Restore `engine` (any world size and stage) from a checkpoint (a collective at stages 1-2).
-pub fn restore<M: BlockModel, C: Comm>(engine: &mut Engine<M, C>, dir: &Path, manifest: &Manifest, model: &Gpt2Config) -> Result<(), BoxError> {
+pub fn restore<M: BlockModel, C: Comm>(engine: &mut Engine<M, C>, dir: &Path, manifest: &Manifest, model: &AnyConfig) -> Result<(), BoxError> {
     let layouts: Vec<&FlatLayout> = engine.units.iter().map(|u| &u.layout).collect();
     check_compatible(dir, manifest, model, &layouts)?;
     let mut reader = ShardReader::new(dir, manifest);

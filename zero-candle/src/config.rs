@@ -81,11 +81,16 @@ pub struct ModelConfig {
     pub n_embd: Option<usize>,
     /// Override the preset's context length (learned positions). Default: the preset's.
     pub context: Option<usize>,
+    /// Start from this model folder (Hugging Face config.json + safetensors + tokenizer.json:
+    /// GPT-2 or Llama) instead of a freshly initialized preset: fine-tuning. Its architecture
+    /// replaces the preset and the size keys, and its tokenizer.json is used for the data when
+    /// data.tokenizer is "char". Default "" (train from scratch).
+    pub init_from: PathBuf,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { preset: "gpt2-mini".into(), n_layer: None, n_head: None, n_embd: None, context: None }
+        Self { preset: "gpt2-mini".into(), n_layer: None, n_head: None, n_embd: None, context: None, init_from: PathBuf::new() }
     }
 }
 
@@ -221,6 +226,12 @@ impl Config {
     /// Load `file` (if any), apply `overrides` ("section.key=value", value in TOML syntax; a bare
     /// word is taken as a string), then validate.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_with_defaults(file, &[], overrides)
+    }
+
+    /// As `load`, with `defaults` ("section.key=value") applied first where the file does not set
+    /// the key (a command's own defaults, e.g. fine-tuning's lower learning rate).
+    pub fn load_with_defaults(file: Option<&Path>, defaults: &[String], overrides: &[String]) -> Result<Self, ConfigError> {
         let mut doc: toml::Table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -230,6 +241,13 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        for item in defaults {
+            let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k.trim());
+            let set = key.split_once('.').is_some_and(|(section, k)| doc.get(section).and_then(|t| t.get(k)).is_some());
+            if !set {
+                apply_override(&mut doc, item)?;
+            }
+        }
         for item in overrides {
             apply_override(&mut doc, item)?;
         }

@@ -16,7 +16,7 @@ pub fn export_checkpoint(checkpoint: &Path, out: &Path, dtype: ExportDtype) -> R
     let tokenizer = checkpoint::tokenizer(checkpoint, &manifest)?;
     // The window the model was trained on, from the run's resolved config (0 = its context).
     let seq_len = toml::from_str::<Config>(&manifest.config).map(|c| c.train.seq_len).unwrap_or(0);
-    let train_seq_len = if seq_len == 0 { manifest.model.context } else { seq_len };
+    let train_seq_len = if seq_len == 0 { manifest.model.context() } else { seq_len };
     let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
     model_io::save_model_folder_as(out, &manifest.model, train_seq_len, &named, &tokenizer, dtype)?;
     Ok(params.iter().map(|p| p.2.len()).sum())

@@ -37,6 +37,27 @@ enum Command {
         #[arg(long)]
         zero_stage: Option<u8>,
     },
+    /// Fine-tune a model folder (Hugging Face GPT-2 or Llama, e.g. from convert-gguf) on text:
+    /// `train` with model.init_from and data.sources set, and fine-tuning defaults (lr 1e-4,
+    /// min_lr 1e-5, 20 warmup steps, 200 steps, out_dir runs/finetune) where not configured.
+    Finetune {
+        /// Model folder (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Text files or folders of .txt files.
+        #[arg(long = "data", required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long)]
+        resume: Option<String>,
+        #[arg(long)]
+        world: Option<usize>,
+        #[arg(long)]
+        zero_stage: Option<u8>,
+    },
     /// Tokenize text files into train/val token shards.
     Prepare {
         /// Text files or folders of .txt files.
@@ -166,6 +187,23 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             overrides.extend(world.map(|n| format!("parallel.world_size={n}")));
             overrides.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
             let cfg = Config::load(config.as_deref(), &overrides)?;
+            run_training(&cfg)?;
+        }
+        Command::Finetune { model, data, config, overrides, resume, world, zero_stage } => {
+            let quote = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
+            let defaults: Vec<String> = ["train.lr=1e-4", "train.min_lr=1e-5", "train.warmup_steps=20", "train.max_steps=200", "train.out_dir=\"runs/finetune\""]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let mut set = vec![
+                format!("model.init_from={}", quote(&model)),
+                format!("data.sources=[{}]", data.iter().map(|p| quote(p)).collect::<Vec<_>>().join(", ")),
+            ];
+            set.extend(overrides);
+            set.extend(resume.map(|r| format!("checkpoint.resume={}", toml::Value::String(r))));
+            set.extend(world.map(|n| format!("parallel.world_size={n}")));
+            set.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
+            let cfg = Config::load_with_defaults(config.as_deref(), &defaults, &set)?;
             run_training(&cfg)?;
         }
         Command::Prepare { inputs, out, tokenizer, val_fraction } => {

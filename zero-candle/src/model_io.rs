@@ -86,7 +86,11 @@ impl FromStr for ExportDtype {
 /// The Hugging Face `config.json` of a GPT-2, plus `train_seq_len`: the window the model was
 /// trained on (positions beyond it are untrained, so sampling keeps its input within it;
 /// transformers keeps unknown keys as plain attributes).
-fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize, dtype: ExportDtype) -> serde_json::Value {
+fn hf_config_json(cfg: &AnyConfig, train_seq_len: usize, dtype: ExportDtype) -> serde_json::Value {
+    let cfg = match cfg {
+        AnyConfig::Gpt2(c) => c,
+        AnyConfig::Llama(c) => return llama_config_json(c, train_seq_len, dtype),
+    };
     let mut config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -115,10 +119,34 @@ fn hf_config_json(cfg: &Gpt2Config, train_seq_len: usize, dtype: ExportDtype) ->
     config
 }
 
+/// The Hugging Face `config.json` of a Llama (LlamaConfig keys), plus `train_seq_len`.
+fn llama_config_json(c: &LlamaConfig, train_seq_len: usize, dtype: ExportDtype) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim(),
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": dtype.torch_dtype(),
+        "train_seq_len": train_seq_len,
+    })
+}
+
 /// Write `params` (name, shape, f32 values), the config and the tokenizer to `dir`, in f32.
 pub fn save_model_folder(
     dir: &Path,
-    cfg: &Gpt2Config,
+    cfg: &AnyConfig,
     train_seq_len: usize,
     params: &[(&str, &[usize], &[f32])], tokenizer: &Tokenizer) -> Result<(), BoxError> {
     save_model_folder_as(dir, cfg, train_seq_len, params, tokenizer, ExportDtype::F32)
@@ -128,7 +156,7 @@ pub fn save_model_folder(
 /// naming `dtype`) and the tokenizer to `dir`.
 pub fn save_model_folder_as(
     dir: &Path,
-    cfg: &Gpt2Config,
+    cfg: &AnyConfig,
     train_seq_len: usize,
     params: &[(&str, &[usize], &[f32])],
     tokenizer: &Tokenizer,

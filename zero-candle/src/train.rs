@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use datasets::{Split, TokenDataset, TokenizerSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::AdamWHyper;
-use models::{Gpt2, Gpt2Config};
+use models::{AnyConfig, BlockModel, Gpt2Config};
 
 use crate::checkpoint;
 use crate::comm::{Comm, LocalComm};
@@ -52,7 +52,10 @@ fn prepared_data(cfg: &Config) -> Result<PathBuf, BoxError> {
         return Ok(cfg.data.prepared_dir.clone());
     }
     let dir = cfg.train.out_dir.join("data");
+    let init_tokenizer = cfg.model.init_from.join("tokenizer.json");
     let spec = match cfg.data.tokenizer.as_str() {
+        // A pre-trained model reads the text with its own tokenizer.
+        "char" if !cfg.model.init_from.as_os_str().is_empty() && init_tokenizer.is_file() => TokenizerSpec::HuggingFace(init_tokenizer),
         "char" => TokenizerSpec::Char,
         path => TokenizerSpec::HuggingFace(PathBuf::from(path)),
     };
@@ -100,8 +103,24 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
         .map_err(|e| format!("cannot write {}: {e}", out_dir.join("config.toml").display()))?;
     let data_dir = prepared_data(cfg)?;
     let data = TokenDataset::open(&data_dir)?;
+    // The starting model: a folder to fine-tune (read once, shared by the ranks) or a preset.
+    let init = if cfg.model.init_from.as_os_str().is_empty() {
+        None
+    } else {
+        let loaded = model_io::load_model_folder(&cfg.model.init_from).map_err(|e| format!("model.init_from: {e}"))?;
+        if data.vocab_size() > loaded.config.vocab_size() {
+            return Err(format!(
+                "the data's tokenizer has {} tokens but the model {} has {}; prepare the data with the model's tokenizer.json",
+                data.vocab_size(),
+                cfg.model.init_from.display(),
+                loaded.config.vocab_size()
+            )
+            .into());
+        }
+        Some(loaded)
+    };
     let timeout = Duration::from_secs_f64(cfg.parallel.comm_timeout_s);
-    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, comm))
+    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, init.as_ref(), comm))
         .map_err(|e| -> BoxError { e.to_string().into() })?;
     match results.first_mut().and_then(Option::take) {
         Some(summary) => Ok(summary),
@@ -110,15 +129,18 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
 }
 
 /// One rank's training loop (rank 0 also logs, writes metrics, saves the model and samples).
-fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
+fn train_rank(cfg: &Config, data: &TokenDataset, init: Option<&model_io::LoadedModel>, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
     let t = &cfg.train;
     let (rank, world) = (comm.rank(), comm.world_size());
     let main = rank == 0;
     let out_dir = &t.out_dir;
-    let model_cfg = resolve_model_config(&cfg.model, data.vocab_size())?;
-    let seq_len = if t.seq_len == 0 { model_cfg.context } else { t.seq_len };
-    if seq_len > model_cfg.context {
-        return Err(format!("train.seq_len {seq_len} exceeds the model context {}; lower it or set model.context", model_cfg.context).into());
+    let model_cfg = match init {
+        Some(loaded) => loaded.config.clone(),
+        None => AnyConfig::Gpt2(resolve_model_config(&cfg.model, data.vocab_size())?),
+    };
+    let seq_len = if t.seq_len == 0 { model_cfg.context() } else { t.seq_len };
+    if seq_len > model_cfg.context() {
+        return Err(format!("train.seq_len {seq_len} exceeds the model context {}; lower it or set model.context", model_cfg.context()).into());
     }
     // Every rank draws the same global batches and keeps its rows of each.
     let mut loader = data.loader(Split::Train, t.batch_size, seq_len, t.seed)?;
@@ -129,7 +151,10 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
         .collect::<Result<_, _>>()?;
 
     let options = engine_options(cfg)?;
-    let mut engine = Engine::new(Gpt2::new(model_cfg.clone())?, comm, t.seed, device.clone(), options)?;
+    let mut engine = Engine::new(model_cfg.build()?, comm, t.seed, device.clone(), options)?;
+    if let Some(loaded) = init {
+        engine.load_parameters(&loaded.params).map_err(|e| format!("model.init_from {}: {e}", cfg.model.init_from.display()))?;
+    }
     let hyper = AdamWHyper {
         lr: t.lr as f32,
         beta1: t.beta1 as f32,
@@ -153,15 +178,10 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
     };
     let mut metrics = if main { Some(MetricsWriter::open(out_dir, resume_from.is_some())?) } else { None };
     if main {
-        println!(
-            "model: gpt2 {} layers, {} heads, width {}, context {}, vocab {} ({:.2}M parameters)",
-            model_cfg.n_layer,
-            model_cfg.n_head,
-            model_cfg.n_embd,
-            model_cfg.context,
-            model_cfg.vocab_size,
-            engine.num_params() as f64 / 1e6
-        );
+        println!("model: {} ({:.2}M parameters)", describe(&model_cfg), engine.num_params() as f64 / 1e6);
+        if init.is_some() {
+            println!("initialized from {}", cfg.model.init_from.display());
+        }
         println!(
             "data: {} ({} train / {} val tokens); {} tokens per step ({} x {} x {}); {} steps; threads {}",
             data.dir().display(),
@@ -284,7 +304,7 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
     let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
     let model_dir = model_io::model_dir(out_dir);
     model_io::save_model_folder(&model_dir, &model_cfg, seq_len, &named, data.tokenizer())?;
-    let mut solo = Engine::new(Gpt2::new(model_cfg.clone())?, single_rank()?, t.seed, device, EngineOptions::single())?;
+    let mut solo = Engine::new(model_cfg.build()?, single_rank()?, t.seed, device, EngineOptions::single())?;
     let by_name = params.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
     solo.load_parameters(&by_name)?;
     let sample = sample_text(&mut solo, data.tokenizer(), &cfg.sample, seq_len, t.seed)?;
@@ -304,8 +324,19 @@ fn train_rank(cfg: &Config, data: &TokenDataset, comm: LocalComm) -> Result<Opti
     Ok(Some(RunSummary { steps: last_step, final_loss: last_loss, final_val_loss: val_loss, elapsed_s, tokens_per_s, sample, model_dir }))
 }
 
+/// One line describing a model's shape.
+fn describe(cfg: &AnyConfig) -> String {
+    match cfg {
+        AnyConfig::Gpt2(m) => format!("gpt2 {} layers, {} heads, width {}, context {}, vocab {}", m.n_layer, m.n_head, m.n_embd, m.context, m.vocab_size),
+        AnyConfig::Llama(m) => format!(
+            "llama {} layers, {} heads ({} kv), width {}, mlp {}, context {}, vocab {}",
+            m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.hidden_size, m.intermediate_size, m.max_position_embeddings, m.vocab_size
+        ),
+    }
+}
+
 /// Every rank's memory report, gathered to rank 0, printed and written to the metrics.
-fn report_memory<C: Comm>(engine: &mut Engine<Gpt2, C>, metrics: Option<&mut MetricsWriter>, when: &str) -> Result<(), BoxError> {
+fn report_memory<M: BlockModel, C: Comm>(engine: &mut Engine<M, C>, metrics: Option<&mut MetricsWriter>, when: &str) -> Result<(), BoxError> {
     let r = engine.memory_report();
     let mine = [r.params_bytes as f64, r.grads_bytes as f64, r.optimizer_bytes as f64, r.peak_gathered_bytes as f64];
     let world = engine.comm.world_size();

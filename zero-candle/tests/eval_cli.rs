@@ -59,7 +59,7 @@ fn parameters(cfg: &Gpt2Config) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 
 fn save(dir: &Path, cfg: &Gpt2Config, params: &HashMap<String, (Vec<usize>, Vec<f32>)>, dtype: ExportDtype) {
     let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, (s, v))| (n.as_str(), s.as_slice(), v.as_slice())).collect();
-    model_io::save_model_folder_as(dir, cfg, 16, &named, &tokenizer(), dtype).unwrap();
+    model_io::save_model_folder_as(dir, &models::AnyConfig::Gpt2(cfg.clone()), 16, &named, &tokenizer(), dtype).unwrap();
 }
 
 /// An engine holding the weights of a saved folder, as read back (bf16 rounded).

@@ -621,8 +621,12 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             for slot in &unit.layout.params {
                 match params.get(&slot.name) {
                     Some((shape, values)) if shape == &slot.shape && values.len() == slot.numel => {
+                        // Only the part of the parameter inside this rank's range (none for most
+                        // parameters at stage >= 1).
                         let r = intersect(&slot.range(), &unit.opt_range);
-                        unit.master[r.start - base..r.end - base].copy_from_slice(&values[r.start - slot.offset..r.end - slot.offset]);
+                        if !r.is_empty() {
+                            unit.master[r.start - base..r.end - base].copy_from_slice(&values[r.start - slot.offset..r.end - slot.offset]);
+                        }
                     }
                     Some((shape, _)) => bail!("parameter {}: shape {shape:?} in the file, the model expects {:?}", slot.name, slot.shape),
                     None => bail!("parameter {} is missing from the weights", slot.name),
