@@ -243,6 +243,19 @@ pub fn parse_hf_config(v: &serde_json::Value, file: &Path) -> Result<AnyConfig, 
             if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
                 return Err(format!("{}: rope_scaling is not supported yet", file.display()).into());
             }
+            // transformers >= 5 writes {"rope_parameters": {"rope_theta": ..., "rope_type": ...}}
+            // instead of a top-level rope_theta.
+            let rope_parameters = v.get("rope_parameters").filter(|r| !r.is_null());
+            if let Some(kind) = rope_parameters.and_then(|r| r.get("rope_type")).and_then(|t| t.as_str()) {
+                if kind != "default" {
+                    return Err(format!("{}: rope_parameters.rope_type {kind:?} is not supported yet (only \"default\")", file.display()).into());
+                }
+            }
+            let rope_theta = v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .or_else(|| rope_parameters.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
+                .unwrap_or(10000.0);
             Ok(AnyConfig::Llama(LlamaConfig {
                 vocab_size: json_usize(v, "vocab_size", file)?,
                 hidden_size: json_usize(v, "hidden_size", file)?,
@@ -251,7 +264,7 @@ pub fn parse_hf_config(v: &serde_json::Value, file: &Path) -> Result<AnyConfig, 
                 num_attention_heads: heads,
                 num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
                 rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
-                rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+                rope_theta,
                 max_position_embeddings: json_usize(v, "max_position_embeddings", file)?,
                 tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             }))
