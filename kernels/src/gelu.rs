@@ -7,6 +7,7 @@
 //! vectorizable exp, and the backward recomputes it from `x` (llm.c's `gelu_backward`) so that
 //! nothing but `x` has to be kept. `gelu_reference` is the spec, built from differentiable candle ops.
 
+use crate::util::exp_f32;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
@@ -95,29 +96,6 @@ impl CustomOp1 for Gelu {
         };
         Ok(Some(dx.reshape(x.shape())?))
     }
-}
-
-/// exp(x) without libm, branch-free so that LLVM vectorizes the loops (libm's tanhf made the op
-/// about 3x slower). Cephes `expf`: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r,
-/// and 2^n built in the exponent bits. Relative error < 1e-7 on [-87, 88]; clamped outside, where
-/// the callers only need 0 or a huge value.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // Adding 1.5 * 2^23 rounds x log2(e) to an integer n, which then sits in the low mantissa bits.
-    let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = shifted - 12_582_912.0;
-    let n_bits = shifted.to_bits().wrapping_sub(0x4B40_0000);
-    // ln2 split in two so that n * ln2 is exact enough (Cody-Waite).
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// 0.5 (1 + tanh u) = sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3). The sigmoid form needs one

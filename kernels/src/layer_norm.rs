@@ -8,6 +8,7 @@
 //! cache when its gradient is computed, and nothing extra has to live between forward and backward.
 //! `layer_norm_reference` is the spec, composed from differentiable candle ops.
 
+use crate::util::sum_lanes;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
@@ -213,25 +214,6 @@ fn to_tensors<T: KernelFloat>(
 /// Rows per rayon task (at least one).
 fn rows_per_task(c: usize) -> usize {
     (TASK_ELEMS / c).max(1)
-}
-
-/// Independent partial sums per reduction: a single f32 accumulator is a serial dependency chain
-/// (strict IEEE order forbids LLVM from vectorizing it), which made the reductions the bottleneck.
-const LANES: usize = 8;
-
-/// Sum of `f(a[i], b[i])` with `LANES` independent accumulators (vectorizable).
-#[inline(always)]
-fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Copy a row into f32 scratch and return its mean and 1/std (two passes over the row: more

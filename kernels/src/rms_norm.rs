@@ -11,6 +11,7 @@
 //! then multiplies by the weight in that dtype (two roundings for bf16). Both functions here compute
 //! everything, the weight product included, in f32 and round the output to the input dtype once.
 
+use crate::util::sum_lanes;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
@@ -205,25 +206,6 @@ fn to_tensors<T: KernelFloat>((dx, dw): (Vec<T>, Vec<T>)) -> Result<(Tensor, Ten
 /// Rows per rayon task (at least one).
 fn rows_per_task(c: usize) -> usize {
     (TASK_ELEMS / c).max(1)
-}
-
-/// Independent partial sums per reduction: a single f32 accumulator is a serial dependency chain
-/// (strict IEEE order forbids LLVM from vectorizing it). Same scheme as `layer_norm`.
-const LANES: usize = 8;
-
-/// Sum of `f(a[i], b[i])` with `LANES` independent accumulators (vectorizable, fixed order).
-#[inline(always)]
-fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Copy a row into f32 scratch and return 1/sqrt(mean(x^2) + eps).

@@ -11,6 +11,7 @@
 //! `swiglu_reference` is the spec, built from differentiable candle ops with the equally safe
 //! `sigmoid(g) = 0.5 + 0.5 * tanh(g / 2)`.
 
+use crate::util::exp_f32;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
@@ -164,28 +165,6 @@ fn to_tensors<T: KernelFloat>((dgate, dup): (Vec<T>, Vec<T>)) -> Result<(Tensor,
         Tensor::from_vec(dgate, n, &dev)?,
         Tensor::from_vec(dup, n, &dev)?,
     ))
-}
-
-/// exp(x) without libm, branch-free so that LLVM vectorizes the loops (a copy of `gelu`'s): Cephes
-/// `expf`, x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r, and 2^n built in the
-/// exponent bits. Relative error < 1e-7 on [-87, 88]; clamped outside, so it never returns inf.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // Adding 1.5 * 2^23 rounds x log2(e) to an integer n, which then sits in the low mantissa bits.
-    let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = shifted - 12_582_912.0;
-    let n_bits = shifted.to_bits().wrapping_sub(0x4B40_0000);
-    // ln2 split in two so that n * ln2 is exact enough (Cody-Waite).
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// sigmoid(x) = 1 / (1 + exp(-x)): the denominator is in [1, 1 + e^88], finite, so there is no
