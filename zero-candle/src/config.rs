@@ -203,11 +203,14 @@ pub struct SampleConfig {
     pub temperature: f64,
     /// Keep only the k most likely tokens; 0 = all. Default 0.
     pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities reach top_p; 1 = all.
+    /// Default 1.
+    pub top_p: f64,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        Self { prompt: "\n".into(), max_new_tokens: 300, temperature: 0.8, top_k: 0 }
+        Self { prompt: "\n".into(), max_new_tokens: 300, temperature: 0.8, top_k: 0, top_p: 1.0 }
     }
 }
 
@@ -305,6 +308,9 @@ impl Config {
         }
         if !matches!(t.precision.as_str(), "f32" | "bf16" | "f16") {
             return bad("train.precision", "must be \"f32\", \"bf16\" or \"f16\"");
+        }
+        if !(self.sample.top_p > 0.0 && self.sample.top_p <= 1.0) {
+            return bad("sample.top_p", "must be in (0, 1]");
         }
         if self.sample.temperature < 0.0 {
             return bad("sample.temperature", "must be >= 0 (0 = greedy)");

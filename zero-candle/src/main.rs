@@ -96,7 +96,9 @@ enum Command {
         dtype: zero_candle::model_io::ExportDtype,
     },
     /// Continue a prompt with a trained model folder (<out_dir>/model).
+    #[command(visible_alias = "generate")]
     Sample {
+        /// Model folder (<out_dir>/model, an export, a Hugging Face folder) or checkpoint folder.
         #[arg(long)]
         model: PathBuf,
         #[arg(long, default_value = "\n")]
@@ -109,6 +111,9 @@ enum Command {
         /// 0 = no top-k filtering.
         #[arg(long, default_value_t = 0)]
         top_k: usize,
+        /// Nucleus sampling threshold (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
     },
@@ -230,11 +235,14 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             let summary = zero_candle::gguf::convert_gguf(&gguf, &out, dtype)?;
             println!("{}", summary.line(&gguf));
         }
-        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
+        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, top_p, seed } => {
             init_compute_threads(0);
-            let cfg = SampleConfig { prompt: prompt.clone(), max_new_tokens, temperature, top_k };
+            let cfg = SampleConfig { prompt: prompt.clone(), max_new_tokens, temperature, top_k, top_p };
             if temperature < 0.0 {
                 return Err("--temperature must be >= 0 (0 = greedy)".into());
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err("--top-p must be in (0, 1]".into());
             }
             let text = run_sample(&model, &cfg, seed)?;
             println!("{prompt}{text}");

@@ -9,8 +9,9 @@ use crate::comm::Comm;
 use crate::engine::Engine;
 use crate::rng::SplitMix64;
 
-/// Pick a token from `logits` (one row, f32) with `temperature` and `top_k` (0 = all).
-pub fn pick_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut SplitMix64) -> u32 {
+/// Pick a token from `logits` (one row, f32) with `temperature`, `top_k` (0 = all) and nucleus
+/// `top_p` (keep the most likely tokens whose probabilities sum to at least `top_p`; 1 = all).
+pub fn pick_token(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, rng: &mut SplitMix64) -> u32 {
     let argmax = || logits.iter().enumerate().fold(0usize, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
     if temperature <= 0.0 {
         return argmax();
@@ -21,8 +22,20 @@ pub fn pick_token(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Spli
         order.truncate(top_k);
     }
     let max = logits[order[0]] as f64;
-    let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    let mut weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+    let mut total: f64 = weights.iter().sum();
+    if top_p < 1.0 {
+        // Smallest prefix (most likely first) whose probability reaches top_p.
+        let mut cumulative = 0.0;
+        let keep = weights.iter().position(|w| {
+            cumulative += w / total;
+            cumulative >= top_p
+        });
+        let keep = keep.map_or(weights.len(), |k| k + 1);
+        order.truncate(keep);
+        weights.truncate(keep);
+        total = weights.iter().sum();
+    }
     let mut u = rng.next_f64() * total;
     for (&i, w) in order.iter().zip(&weights) {
         if u < *w {
@@ -41,6 +54,7 @@ pub fn generate<M: BlockModel, C: Comm>(
     context: usize,
     temperature: f64,
     top_k: usize,
+    top_p: f64,
     seed: u64,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
@@ -54,7 +68,7 @@ pub fn generate<M: BlockModel, C: Comm>(
         let ids = Tensor::from_slice(window, (1, window.len()), &engine.device)?;
         let logits = engine.logits(&ids)?; // (1, T, V)
         let last = logits.get(0)?.get(window.len() - 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        tokens.push(pick_token(&last, temperature, top_k, &mut rng));
+        tokens.push(pick_token(&last, temperature, top_k, top_p, &mut rng));
     }
     Ok(tokens[prompt.len()..].to_vec())
 }
@@ -67,9 +81,20 @@ mod tests {
     fn greedy_picks_the_argmax_and_top1_is_greedy() {
         let mut rng = SplitMix64::new(1);
         let logits = [0.1, 2.0, -1.0, 1.9];
-        assert_eq!(pick_token(&logits, 0.0, 0, &mut rng), 1);
+        assert_eq!(pick_token(&logits, 0.0, 0, 1.0, &mut rng), 1);
         for _ in 0..20 {
-            assert_eq!(pick_token(&logits, 1.0, 1, &mut rng), 1);
+            assert_eq!(pick_token(&logits, 1.0, 1, 1.0, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_likely_prefix() {
+        let mut rng = SplitMix64::new(3);
+        // Probabilities 0.6, 0.3, 0.1: top_p 0.5 keeps only the first, 0.85 the first two.
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        for _ in 0..50 {
+            assert_eq!(pick_token(&logits, 1.0, 0, 0.5, &mut rng), 0);
+            assert_ne!(pick_token(&logits, 1.0, 0, 0.85, &mut rng), 2);
         }
     }
 
@@ -78,7 +103,7 @@ mod tests {
         let mut rng = SplitMix64::new(7);
         let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
         let n = 20_000;
-        let ones = (0..n).filter(|_| pick_token(&logits, 1.0, 0, &mut rng) == 1).count();
+        let ones = (0..n).filter(|_| pick_token(&logits, 1.0, 0, 1.0, &mut rng) == 1).count();
         let p = ones as f64 / n as f64;
         assert!((p - 0.75).abs() < 0.02, "sampled frequency {p}");
     }

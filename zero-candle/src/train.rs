@@ -367,14 +367,28 @@ pub fn sample_text<M: models::BlockModel, C: Comm>(
     seed: u64,
 ) -> Result<String, BoxError> {
     let prompt = tokenizer.encode(&cfg.prompt)?;
-    let ids = crate::sample::generate(engine, &prompt, cfg.max_new_tokens, window, cfg.temperature, cfg.top_k, seed)?;
+    let ids = crate::sample::generate(engine, &prompt, cfg.max_new_tokens, window, cfg.temperature, cfg.top_k, cfg.top_p, seed)?;
     Ok(tokenizer.decode(&ids)?)
 }
 
-/// `zero-candle sample`: load a model folder and print a continuation.
+/// `zero-candle sample` / `generate`: load a model folder, or a training checkpoint folder (any
+/// world size and stage), and continue a prompt. Prints tokens/s to stderr.
 pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64) -> Result<String, BoxError> {
-    let loaded = model_io::load_model_folder(model_dir)?;
-    let mut engine = Engine::new(loaded.config.build()?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
-    engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
-    sample_text(&mut engine, &loaded.tokenizer, cfg, loaded.train_seq_len.min(loaded.config.context()), seed)
+    let (config, params, tokenizer, window) = if model_dir.join("manifest.json").is_file() {
+        let manifest = checkpoint::read_manifest(model_dir)?;
+        let params = checkpoint::full_parameters(model_dir, &manifest)?.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
+        let seq_len = toml::from_str::<Config>(&manifest.config).map(|c| c.train.seq_len).unwrap_or(0);
+        let window = if seq_len == 0 { manifest.model.context() } else { seq_len.min(manifest.model.context()) };
+        (manifest.model.clone(), params, checkpoint::tokenizer(model_dir, &manifest)?, window)
+    } else {
+        let loaded = model_io::load_model_folder(model_dir)?;
+        let window = loaded.train_seq_len.min(loaded.config.context());
+        (loaded.config, loaded.params, loaded.tokenizer, window)
+    };
+    let mut engine = Engine::new(config.build()?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
+    engine.load_parameters(&params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
+    let start = Instant::now();
+    let text = sample_text(&mut engine, &tokenizer, cfg, window, seed)?;
+    eprintln!("generated {} tokens in {:.2} s ({:.1} tokens/s)", cfg.max_new_tokens, start.elapsed().as_secs_f64(), cfg.max_new_tokens as f64 / start.elapsed().as_secs_f64());
+    Ok(text)
 }

@@ -42,7 +42,7 @@ fn main() -> Result<(), BoxError> {
 
     // Greedy decoding of one line.
     let prompt = data.tokenizer().encode("ROMEO:\n")?;
-    let out = zero_candle::sample::generate(&mut engine, &prompt, 60, seq_len, 0.0, 0, 0)?;
+    let out = zero_candle::sample::generate(&mut engine, &prompt, 60, seq_len, 0.0, 0, 1.0, 0)?;
     println!("ROMEO:\n{}", data.tokenizer().decode(&out)?);
     Ok(())
 }
