@@ -275,6 +275,15 @@ fn export_writes_hugging_face_names_and_samples() {
     }
     let o = bin().args(["sample", "--model", &folder.display().to_string(), "--max-new-tokens", "5"]).output().unwrap();
     ok(&o);
+    // `generate` reads the checkpoint itself too, with nucleus sampling; greedy output is the
+    // same from the checkpoint and from its export.
+    let greedy = |model: &Path| {
+        let o = bin().args(["generate", "--model", &model.display().to_string(), "--prompt", "KING", "--temperature", "0", "--max-new-tokens", "12"]).output().unwrap();
+        ok(&o)
+    };
+    assert_eq!(greedy(&out.join("step_000003")), greedy(&folder));
+    let o = bin().args(["generate", "--model", &out.join("step_000003").display().to_string(), "--top-p", "0.9", "--max-new-tokens", "5"]).output().unwrap();
+    ok(&o);
     // bf16: every value is the f32 one rounded to bf16.
     let half = out.join("exported-bf16");
     let o = bin().args(["export", &out.join("step_000003").display().to_string(), "--out", &half.display().to_string(), "--dtype", "bf16"]).output().unwrap();
