@@ -307,9 +307,45 @@ fn read_tensors(path: &Path, params: &mut HashMap<String, (Vec<usize>, Vec<f32>)
     Ok(())
 }
 
+/// Where a `--model` argument points: an existing folder as is, or a Hugging Face hub id
+/// (`org/name`) resolved in the local hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`): `models--org--name/snapshots/<refs/main>`. Nothing is downloaded:
+/// a model missing from the cache is an error that names where it looked.
+pub fn resolve_model_path(arg: &Path) -> Result<PathBuf, BoxError> {
+    if arg.is_dir() {
+        return Ok(arg.to_path_buf());
+    }
+    let text = arg.to_string_lossy();
+    let parts: Vec<&str> = text.split('/').collect();
+    let is_hub_id = parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'));
+    if !is_hub_id {
+        return Err(format!("model folder {} does not exist", arg.display()).into());
+    }
+    let cache = match (std::env::var_os("HF_HUB_CACHE"), std::env::var_os("HF_HOME"), std::env::var_os("HOME")) {
+        (Some(c), _, _) => PathBuf::from(c),
+        (None, Some(h), _) => PathBuf::from(h).join("hub"),
+        (None, None, Some(home)) => PathBuf::from(home).join(".cache/huggingface/hub"),
+        _ => return Err(format!("{text}: neither a folder nor resolvable: set HF_HOME or HF_HUB_CACHE").into()),
+    };
+    let repo = cache.join(format!("models--{}--{}", parts[0], parts[1]));
+    let main_ref = repo.join("refs").join("main");
+    let snapshot = std::fs::read_to_string(&main_ref).ok().map(|h| repo.join("snapshots").join(h.trim())).filter(|d| d.is_dir());
+    match snapshot {
+        Some(dir) => Ok(dir),
+        None => Err(format!(
+            "{text} is not a folder and not in the Hugging Face cache (looked for {} and its snapshot); \
+             downloading is not implemented: fetch it with `huggingface-cli download {text}` (HF_HUB_OFFLINE={})",
+            main_ref.display(),
+            std::env::var("HF_HUB_OFFLINE").unwrap_or_else(|_| "unset".into())
+        )
+        .into()),
+    }
+}
+
 /// Load a model folder: ours (`train`/`export`) or a Hugging Face GPT-2 / Llama folder
 /// (config.json, model.safetensors or sharded with an index, tokenizer.json).
 pub fn load_model_folder(dir: &Path) -> Result<LoadedModel, BoxError> {
+    let dir = &resolve_model_path(dir)?;
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| format!("cannot read {} ({e}); expected a model folder (config.json, model.safetensors, tokenizer)", config_path.display()))?;

@@ -52,7 +52,11 @@ fn prepared_data(cfg: &Config) -> Result<PathBuf, BoxError> {
         return Ok(cfg.data.prepared_dir.clone());
     }
     let dir = cfg.train.out_dir.join("data");
-    let init_tokenizer = cfg.model.init_from.join("tokenizer.json");
+    let init_tokenizer = if cfg.model.init_from.as_os_str().is_empty() {
+        PathBuf::new()
+    } else {
+        model_io::resolve_model_path(&cfg.model.init_from)?.join("tokenizer.json")
+    };
     let spec = match cfg.data.tokenizer.as_str() {
         // A pre-trained model reads the text with its own tokenizer.
         "char" if !cfg.model.init_from.as_os_str().is_empty() && init_tokenizer.is_file() => TokenizerSpec::HuggingFace(init_tokenizer),
@@ -374,6 +378,7 @@ pub fn sample_text<M: models::BlockModel, C: Comm>(
 /// `zero-candle sample` / `generate`: load a model folder, or a training checkpoint folder (any
 /// world size and stage), and continue a prompt. Prints tokens/s to stderr.
 pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64) -> Result<String, BoxError> {
+    let model_dir = &model_io::resolve_model_path(model_dir)?;
     let (config, params, tokenizer, window) = if model_dir.join("manifest.json").is_file() {
         let manifest = checkpoint::read_manifest(model_dir)?;
         let params = checkpoint::full_parameters(model_dir, &manifest)?.into_iter().map(|(n, s, v)| (n, (s, v))).collect();

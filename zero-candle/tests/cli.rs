@@ -123,3 +123,42 @@ fn batch_not_divisible_by_world_exits_nonzero_naming_both() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("train.batch_size") && err.contains("world_size"), "{err}");
 }
+
+#[test]
+fn a_hub_id_resolves_in_the_local_hugging_face_cache_and_a_missing_one_names_where_it_looked() {
+    // Train a tiny model, then lay its folder out as the hub cache does.
+    let out = temp("hub");
+    let o = zero_candle(&[
+        "train", "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+        "--set", "train.seq_len=16", "--set", "train.batch_size=4", "--set", "train.max_steps=2",
+        "--set", "train.eval_batches=1", "--set", "sample.max_new_tokens=2", "--set", "checkpoint.at_end=false",
+        "--set", &format!("train.out_dir={}", out.display()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let repo = out.join("hf/hub/models--org--tiny");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(out.join("model")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), snapshot.join(f.file_name())).unwrap();
+    }
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_zero-candle"))
+            .args(["generate", "--model", id, "--max-new-tokens", "3"])
+            .env("HF_HOME", out.join("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    let o = run("org/tiny");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run("org/absent");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("models--org--absent") && err.contains("huggingface-cli download"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
