@@ -31,6 +31,22 @@ impl AnyConfig {
         }
     }
 
+    pub fn num_params(&self) -> usize {
+        match self {
+            AnyConfig::Gpt2(c) => c.num_params(),
+            AnyConfig::Llama(c) => c.num_params(),
+        }
+    }
+
+    /// Training FLOPs per token at sequence length `t`: 6 per parameter (GPT-2's position
+    /// embeddings excluded) plus 12 * layers * width * t for attention (nanoGPT's estimate_mfu).
+    pub fn train_flops_per_token(&self, t: usize) -> f64 {
+        match self {
+            AnyConfig::Gpt2(c) => c.train_flops_per_token(t),
+            AnyConfig::Llama(c) => 6.0 * c.num_params() as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * t) as f64,
+        }
+    }
+
     pub fn build(&self) -> Result<AnyModel> {
         Ok(match self {
             AnyConfig::Gpt2(c) => AnyModel::Gpt2(Gpt2::new(c.clone())?),

@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor};
 use kernels::AdamWHyper;
-use models::{Gpt2, Gpt2Config};
+use models::{AnyConfig, Gpt2Config};
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use crate::train::BoxError;
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub preset: String,
+    /// Benchmark this model folder (Hugging Face GPT-2 or Llama, its weights) instead of a preset.
+    pub from: Option<std::path::PathBuf>,
     /// Sequences per step; 0 = the preset's default (12 for char-small/gpt2-mini, 4 for gpt2-124m).
     pub batch: usize,
     pub seq_len: usize,
@@ -35,7 +37,7 @@ pub struct BenchOptions {
 /// Median of each phase over the timed steps.
 #[derive(Debug, Clone)]
 pub struct BenchResult {
-    pub config: Gpt2Config,
+    pub config: AnyConfig,
     pub batch: usize,
     pub seq_len: usize,
     pub forward_s: f64,
@@ -61,13 +63,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
-    let big = opts.preset == "gpt2-124m";
-    let vocab = if opts.vocab > 0 { opts.vocab } else if big { 50257 } else { 65 };
+    let big = opts.preset == "gpt2-124m" || opts.from.is_some();
+    let loaded = opts.from.as_deref().map(crate::model_io::load_model_folder).transpose()?;
+    let config = match &loaded {
+        Some(l) => l.config.clone(),
+        None => {
+            let vocab = if opts.vocab > 0 { opts.vocab } else if big { 50257 } else { 65 };
+            AnyConfig::Gpt2(Gpt2Config::preset(&opts.preset, vocab)?)
+        }
+    };
+    let vocab = config.vocab_size();
     let batch = if opts.batch > 0 { opts.batch } else if big { 4 } else { 12 };
-    let config = Gpt2Config::preset(&opts.preset, vocab)?;
-    let seq_len = if opts.seq_len > 0 { opts.seq_len } else { 256.min(config.context) };
-    if seq_len > config.context {
-        return Err(format!("--seq-len {seq_len} exceeds the context {} of {}", config.context, opts.preset).into());
+    let seq_len = if opts.seq_len > 0 { opts.seq_len } else { 256.min(config.context()) };
+    if seq_len > config.context() {
+        return Err(format!("--seq-len {seq_len} exceeds the model context {}", config.context()).into());
     }
     if opts.world == 0 || batch % opts.world != 0 {
         return Err(format!("--batch {batch} must be a positive multiple of --world {}", opts.world).into());
@@ -82,7 +91,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
     let rows = batch / world;
     let per_rank = run_ranks(world, Duration::from_secs(600), |comm: LocalComm| -> Result<_, BoxError> {
         let rank = comm.rank();
-        let mut engine = Engine::new(Gpt2::new(config.clone())?, comm, 1, device.clone(), options)?;
+        let mut engine = Engine::new(config.build()?, comm, 1, device.clone(), options)?;
+        if let Some(l) = &loaded {
+            engine.load_parameters(&l.params)?;
+        }
         let slice = |v: &[u32]| Tensor::from_slice(&v[rank * rows * seq_len..(rank + 1) * rows * seq_len], (rows, seq_len), &device);
         let micro = MicroBatch { inputs: slice(&inputs)?, targets: slice(&targets)? };
         let mut runs: Vec<(StepStats, f64)> = Vec::new();

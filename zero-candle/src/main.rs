@@ -155,6 +155,9 @@ enum Command {
         /// char-small, gpt2-mini or gpt2-124m.
         #[arg(long, default_value = "char-small")]
         model: String,
+        /// Benchmark a model folder (Hugging Face GPT-2 or Llama, with its weights) instead.
+        #[arg(long)]
+        from: Option<PathBuf>,
         /// Sequences per step (0 = 12, or 4 for gpt2-124m).
         #[arg(long, default_value_t = 0)]
         batch: usize,
@@ -264,12 +267,12 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             };
             print!("{}", format_estimate(&sizes, world, &what));
         }
-        Command::Bench { model, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages } => {
+        Command::Bench { model, from, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages } => {
             init_compute_threads(threads);
             if steps == 0 {
                 return Err("--steps must be at least 1".into());
             }
-            let opts = BenchOptions { preset: model, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute };
+            let opts = BenchOptions { preset: from.as_ref().map_or(model, |f| f.display().to_string()), from, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute };
             if sweep_stages {
                 let mut results = Vec::new();
                 for (stage, recompute) in [(0, false), (1, false), (2, false), (3, false), (3, true)] {
