@@ -3,11 +3,13 @@
 //! `prepare` tokenizes text files (character-level or a Hugging Face `tokenizer.json`) into a
 //! self-contained dataset folder (`train.bin`, `val.bin`, the tokenizer, `meta.json`);
 //! `TokenDataset::open` reads and checks it; `BatchLoader` draws seeded, resumable random
-//! windows for training and `ValBatches` fixed windows for evaluation. The shard format and the
-//! loader follow nanoGPT's `prepare.py`/`get_batch` and llm.c's token `.bin` files. Every
-//! failure is a `datasets::Error` naming the file and saying what to do; nothing here panics
+//! windows for training and `ValBatches` fixed windows for evaluation; `CompletionDataset`
+//! reads prompt/completion JSONL for fine-tuning with the loss on completion tokens only. The
+//! shard format and the loader follow nanoGPT's `prepare.py`/`get_batch` and llm.c's token
+//! `.bin` files. Every failure is a `datasets::Error` naming the file and saying what to do; nothing here panics
 //! on bad input.
 
+mod completions;
 mod dataset;
 mod error;
 mod fsutil;
@@ -18,6 +20,10 @@ pub mod rng;
 mod shard;
 mod tokenizer;
 
+pub use completions::{
+    eos_token_id, is_jsonl, CompletionDataset, CompletionLoader, CompletionSource, Example,
+    IGNORE_TARGET,
+};
 pub use dataset::TokenDataset;
 pub use error::{Error, Result};
 pub use loader::{Batch, BatchLoader, LoaderState, Split, ValBatches};

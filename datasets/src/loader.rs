@@ -126,6 +126,10 @@ pub struct LoaderState {
     pub batches_drawn: u64,
     /// xoshiro256** state after `batches_drawn` batches.
     pub rng: [u64; 4],
+    /// Prompt/completion data (`CompletionLoader`): the number of training examples; `None`
+    /// for token windows (and in checkpoints written before prompt/completion data existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples: Option<u64>,
 }
 
 /// Endless random batches from one split; see the module docs.
@@ -192,12 +196,18 @@ impl BatchLoader {
             split_tokens: self.tokens.len() as u64,
             batches_drawn: self.batches_drawn,
             rng: self.rng.state(),
+            examples: None,
         }
     }
 
     /// Continues from `state` (taken from a loader over the same split with the same shape):
     /// the next batch is the one that loader would have drawn next.
     pub fn restore(&mut self, state: &LoaderState) -> Result<()> {
+        if state.examples.is_some() {
+            return Err(Error::new(
+                "the loader state is of prompt/completion (.jsonl) data; resume with the same data",
+            ));
+        }
         let mine = (
             self.split,
             self.batch,

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::block_model::{BlockModel, Carry, UnitSpec};
+use crate::block_model::{BlockModel, Carry, KvCache, UnitSpec};
 use crate::gpt2::{Gpt2, Gpt2Config};
 use crate::llama::{Llama, LlamaConfig};
 
@@ -88,5 +88,11 @@ impl BlockModel for AnyModel {
     }
     fn head_loss(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<Tensor> {
         delegate!(self, m => m.head_loss(root, carry, targets, divisor))
+    }
+    fn supports_kv_cache(&self) -> bool {
+        delegate!(self, m => m.supports_kv_cache())
+    }
+    fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        delegate!(self, m => m.forward_cached(params, ids, cache))
     }
 }

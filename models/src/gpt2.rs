@@ -6,7 +6,7 @@
 use candle_core::{bail, DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::block_model::{BlockModel, Carry, Init, ParamSpec, UnitSpec};
+use crate::block_model::{cached_attention, BlockModel, Carry, Init, KvCache, ParamSpec, UnitSpec};
 
 /// GPT-2 hyper-parameters (the fields of Hugging Face's GPT2Config that matter for the math).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +140,45 @@ impl Gpt2 {
         kernels::layer_norm(x, &root[LNF_W], &root[LNF_B], self.config.layer_norm_eps)
     }
 
+    /// Token plus position embeddings of `ids` (B, T) at positions `t0..t0 + T`.
+    fn embed_at(&self, root: &[Tensor], ids: &Tensor, t0: usize) -> Result<Tensor> {
+        Self::check_count("embed", root, 4)?;
+        let (b, t) = ids.dims2()?;
+        if t0 + t > self.config.context {
+            bail!("gpt2 embed: sequence length {t} from position {t0} exceeds the model context {}", self.config.context);
+        }
+        let c = self.config.n_embd;
+        let tok = root[WTE].index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
+        let pos = root[WPE].narrow(0, t0, t)?; // (T, C)
+        tok.broadcast_add(&pos)
+    }
+
+    /// One block on x (B, T, C), with `attend` mapping q, k, v (B, H, T, D) to the attention
+    /// output: the fused causal kernel for training, the KV-cached attention for sampling (one
+    /// block body for both, so that the two paths cannot drift apart).
+    fn block_with(&self, index: usize, p: &[Tensor], x: &Tensor, attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        Self::check_count(&format!("block {index}"), p, 12)?;
+        let (b, t, c) = x.dims3()?;
+        let nh = self.config.n_head;
+        let hd = c / nh;
+        let eps = self.config.layer_norm_eps;
+
+        // Attention: x + c_proj(attn(ln_1(x)))
+        let h = kernels::layer_norm(x, &p[LN1_W], &p[LN1_B], eps)?;
+        let qkv = conv1d(&h, &p[ATTN_W], &p[ATTN_B])?; // (B, T, 3C)
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
+        };
+        let y = attend(&heads(0)?, &heads(1)?, &heads(2)?)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?; // (B, T, C)
+        let x = (x + conv1d(&y, &p[ATTN_PROJ_W], &p[ATTN_PROJ_B])?)?;
+
+        // MLP: x + c_proj(gelu(c_fc(ln_2(x))))
+        let h = kernels::layer_norm(&x, &p[LN2_W], &p[LN2_B], eps)?;
+        let h = kernels::gelu(&conv1d(&h, &p[FC_W], &p[FC_B])?)?; // (B, T, 4C)
+        x + conv1d(&h, &p[FC_PROJ_W], &p[FC_PROJ_B])?
+    }
+
     fn head_logits(&self, root: &[Tensor], x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         // lm_head is tied to wte (V, C): logits = x @ wte^T.
@@ -177,40 +216,12 @@ impl BlockModel for Gpt2 {
     }
 
     fn embed(&self, root: &[Tensor], ids: &Tensor) -> Result<Carry> {
-        Self::check_count("embed", root, 4)?;
-        let (b, t) = ids.dims2()?;
-        if t > self.config.context {
-            bail!("gpt2 embed: sequence length {t} exceeds the model context {}", self.config.context);
-        }
-        let c = self.config.n_embd;
-        let tok = root[WTE].index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
-        let pos = root[WPE].narrow(0, 0, t)?; // (T, C)
-        Ok(vec![tok.broadcast_add(&pos)?])
+        Ok(vec![self.embed_at(root, ids, 0)?])
     }
 
     fn block(&self, index: usize, p: &[Tensor], carry: &Carry) -> Result<Carry> {
-        Self::check_count(&format!("block {index}"), p, 12)?;
         let x = Self::single(carry, "block")?;
-        let (b, t, c) = x.dims3()?;
-        let nh = self.config.n_head;
-        let hd = c / nh;
-        let eps = self.config.layer_norm_eps;
-
-        // Attention: x + c_proj(attn(ln_1(x)))
-        let h = kernels::layer_norm(x, &p[LN1_W], &p[LN1_B], eps)?;
-        let qkv = conv1d(&h, &p[ATTN_W], &p[ATTN_B])?; // (B, T, 3C)
-        let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
-        };
-        let y = kernels::causal_attention(&heads(0)?, &heads(1)?, &heads(2)?)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?; // (B, T, C)
-        let x = (x + conv1d(&y, &p[ATTN_PROJ_W], &p[ATTN_PROJ_B])?)?;
-
-        // MLP: x + c_proj(gelu(c_fc(ln_2(x))))
-        let h = kernels::layer_norm(&x, &p[LN2_W], &p[LN2_B], eps)?;
-        let h = kernels::gelu(&conv1d(&h, &p[FC_W], &p[FC_B])?)?; // (B, T, 4C)
-        let x = (x + conv1d(&h, &p[FC_PROJ_W], &p[FC_PROJ_B])?)?;
-        Ok(vec![x])
+        Ok(vec![self.block_with(index, p, x, kernels::causal_attention)?])
     }
 
     fn logits(&self, root: &[Tensor], carry: &Carry) -> Result<Tensor> {
@@ -224,5 +235,24 @@ impl BlockModel for Gpt2 {
             bail!("gpt2 head_loss: targets must be u32, got {:?}", targets.dtype());
         }
         kernels::cross_entropy(&logits, targets, divisor)
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if params.len() != self.config.n_layer + 1 {
+            bail!("gpt2 forward_cached: expected {} units' parameters, got {}", self.config.n_layer + 1, params.len());
+        }
+        // Learned positions: the new tokens take wpe rows t0.. after the cached ones.
+        let mut x = self.embed_at(&params[0], ids, cache.len())?;
+        for (i, p) in params[1..].iter().enumerate() {
+            x = self.block_with(i, p, &x, |q, k, v| {
+                let (k, v) = cache.append(i, k, v)?;
+                cached_attention(q, &k, &v)
+            })?;
+        }
+        self.logits(&params[0], &vec![x])
     }
 }

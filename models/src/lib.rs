@@ -12,6 +12,6 @@ pub mod gpt2;
 pub mod llama;
 
 pub use any::{AnyConfig, AnyModel};
-pub use block_model::{BlockModel, Carry, Init, ParamSpec, UnitSpec};
+pub use block_model::{BlockModel, Carry, Init, KvCache, ParamSpec, UnitSpec};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::{Llama, LlamaConfig};

@@ -8,7 +8,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::block_model::{BlockModel, Carry, Init, ParamSpec, UnitSpec};
+use crate::block_model::{cached_attention, BlockModel, Carry, Init, KvCache, ParamSpec, UnitSpec};
 
 /// The fields of transformers' LlamaConfig that matter for the math.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +114,40 @@ impl Llama {
         x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
     }
 
+    /// One block on x (B, T, C) with rotary tables `cos`, `sin` for its T positions, and
+    /// `attend` mapping q (B, H, T, D) and the unrepeated k, v (B, KV, T, D) to the attention
+    /// output: the fused causal kernel for training, the KV-cached attention for sampling (one
+    /// block body for both, so that the two paths cannot drift apart).
+    fn block_with(
+        &self,
+        index: usize,
+        p: &[Tensor],
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        Self::check_count(&format!("block {index}"), p, 9)?;
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let eps = c.rms_norm_eps;
+
+        // Attention: x + o_proj(attn(rope(q), rope(k), v)) on rms_norm(x).
+        let h = kernels::rms_norm(x, &p[INPUT_NORM], eps)?;
+        let q = kernels::rope(&Self::heads(&linear(&h, &p[Q])?, nh, hd)?, cos, sin)?; // (B, H, T, D)
+        let k = kernels::rope(&Self::heads(&linear(&h, &p[K])?, nkv, hd)?, cos, sin)?; // (B, KV, T, D)
+        let v = Self::heads(&linear(&h, &p[V])?, nkv, hd)?;
+        let y = attend(&q, &k, &v)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
+        let x = (x + linear(&y, &p[O])?)?;
+
+        // MLP: x + down(silu(gate(h)) * up(h)) on rms_norm(x).
+        let h = kernels::rms_norm(&x, &p[POST_NORM], eps)?;
+        let m = kernels::swiglu(&linear(&h, &p[GATE])?, &linear(&h, &p[UP])?)?;
+        x + linear(&m, &p[DOWN])?
+    }
+
     /// Repeat each of the kv heads `rep` times: (B, KV, T, D) -> (B, KV * rep, T, D).
     fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
         if rep == 1 {
@@ -169,30 +203,13 @@ impl BlockModel for Llama {
     }
 
     fn block(&self, index: usize, p: &[Tensor], carry: &Carry) -> Result<Carry> {
-        Self::check_count(&format!("block {index}"), p, 9)?;
-        let c = &self.config;
         let x = Self::single(carry, "block")?;
-        let t = x.dim(1)?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let eps = c.rms_norm_eps;
-
-        // Attention: x + o_proj(attn(rope(q), rope(k), v)) on rms_norm(x).
-        let h = kernels::rms_norm(x, &p[INPUT_NORM], eps)?;
-        let (cos, sin) = kernels::rope_tables(t, hd, c.rope_theta, x.dtype(), x.device())?;
-        let q = kernels::rope(&Self::heads(&linear(&h, &p[Q])?, nh, hd)?, &cos, &sin)?; // (B, H, T, D)
-        let k = kernels::rope(&Self::heads(&linear(&h, &p[K])?, nkv, hd)?, &cos, &sin)?; // (B, KV, T, D)
-        let v = Self::heads(&linear(&h, &p[V])?, nkv, hd)?;
-        let rep = nh / nkv;
-        let y = kernels::causal_attention(&q, &Self::repeat_kv(k, rep)?, &Self::repeat_kv(v, rep)?)?; // (B, H, T, D)
-        let (b, _, _, _) = y.dims4()?;
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
-        let x = (x + linear(&y, &p[O])?)?;
-
-        // MLP: x + down(silu(gate(h)) * up(h)) on rms_norm(x).
-        let h = kernels::rms_norm(&x, &p[POST_NORM], eps)?;
-        let m = kernels::swiglu(&linear(&h, &p[GATE])?, &linear(&h, &p[UP])?)?;
-        let x = (x + linear(&m, &p[DOWN])?)?;
-        Ok(vec![x])
+        let (cos, sin) = kernels::rope_tables(x.dim(1)?, self.config.head_dim(), self.config.rope_theta, x.dtype(), x.device())?;
+        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let y = self.block_with(index, p, x, &cos, &sin, |q, k, v| {
+            kernels::causal_attention(q, &Self::repeat_kv(k.clone(), rep)?, &Self::repeat_kv(v.clone(), rep)?)
+        })?;
+        Ok(vec![y])
     }
 
     fn logits(&self, root: &[Tensor], carry: &Carry) -> Result<Tensor> {
@@ -207,5 +224,32 @@ impl BlockModel for Llama {
             bail!("llama head_loss: targets must be u32, got {:?}", targets.dtype());
         }
         kernels::cross_entropy(&self.logits(root, carry)?, targets, divisor)
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        if params.len() != c.num_hidden_layers + 1 {
+            bail!("llama forward_cached: expected {} units' parameters, got {}", c.num_hidden_layers + 1, params.len());
+        }
+        let t0 = cache.len();
+        let x = self.embed(&params[0], ids)?;
+        let mut x = Self::single(&x, "forward_cached")?.clone();
+        let t = x.dim(1)?;
+        // Rotary positions continue after the cached ones: rows t0..t0 + T of the tables.
+        let (cos, sin) = kernels::rope_tables(t0 + t, c.head_dim(), c.rope_theta, x.dtype(), x.device())?;
+        let (cos, sin) = (cos.narrow(0, t0, t)?, sin.narrow(0, t0, t)?);
+        let rep = c.num_attention_heads / c.num_key_value_heads;
+        for (i, p) in params[1..].iter().enumerate() {
+            x = self.block_with(i, p, &x, &cos, &sin, |q, k, v| {
+                // The cache holds the KV heads unrepeated (rep times smaller); repeat per forward.
+                let (k, v) = cache.append(i, k, v)?;
+                cached_attention(q, &Self::repeat_kv(k, rep)?, &Self::repeat_kv(v, rep)?)
+            })?;
+        }
+        self.logits(&params[0], &vec![x])
     }
 }

@@ -44,7 +44,8 @@ enum Command {
         /// Model folder (config.json, safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
-        /// Text files or folders of .txt files.
+        /// Text files or folders of .txt files, or .jsonl files of {"prompt", "completion"} lines
+        /// (the loss then counts completion tokens only).
         #[arg(long = "data", required = true)]
         data: Vec<PathBuf>,
         #[arg(long)]

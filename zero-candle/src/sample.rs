@@ -1,8 +1,12 @@
-//! Text generation from a trained engine: temperature and top-k sampling (temperature 0 = greedy),
-//! re-running the cropped context for each new token. There is no KV cache yet, so generation is
-//! quadratic in its length; it is meant for the short samples printed after training.
+//! Text generation from a trained engine: temperature, top-k and top-p sampling (temperature 0 =
+//! greedy) with a KV cache: one forward over the prompt, then one forward of a single token per new
+//! token. When the cache would outgrow the `context` window it is dropped and refilled with the
+//! last `context / 2` tokens (so the refill costs one prefill per `context / 2` tokens; the model
+//! then sees between `context / 2` and `context` tokens of history). Models without a cache
+//! (`BlockModel::supports_kv_cache` false) re-run the cropped window for every token instead.
 
 use candle_core::{DType, Device, Result, Tensor};
+use models::block_model::KvCache;
 use models::BlockModel;
 
 use crate::comm::Comm;
@@ -62,12 +66,24 @@ pub fn generate<M: BlockModel, C: Comm>(
     }
     let mut rng = SplitMix64::new(seed);
     let mut tokens = prompt.to_vec();
+    let context = context.max(1);
+    let cached = engine.model.supports_kv_cache();
+    let mut cache = KvCache::new();
     for _ in 0..max_new_tokens {
-        let start = tokens.len().saturating_sub(context);
-        let window = &tokens[start..];
-        let ids = Tensor::from_slice(window, (1, window.len()), &engine.device)?;
-        let logits = engine.logits(&ids)?; // (1, T, V)
-        let last = logits.get(0)?.get(window.len() - 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let feed: &[u32] = if !cached || cache.is_empty() {
+            &tokens[tokens.len().saturating_sub(context)..]
+        } else if cache.len() + 1 > context {
+            // Positions past the window do not exist (GPT-2) or were never trained on, and cached
+            // keys cannot be shifted (their values depend on the dropped history): start over from
+            // the recent half, which leaves room for context / 2 cheap steps before the next refill.
+            cache.clear();
+            &tokens[tokens.len() - (context / 2).max(1)..]
+        } else {
+            &tokens[tokens.len() - 1..]
+        };
+        let ids = Tensor::from_slice(feed, (1, feed.len()), &engine.device)?;
+        let logits = if cached { engine.logits_cached(&ids, &mut cache)? } else { engine.logits(&ids)? }; // (1, T, V)
+        let last = logits.get(0)?.get(feed.len() - 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         tokens.push(pick_token(&last, temperature, top_k, top_p, &mut rng));
     }
     Ok(tokens[prompt.len()..].to_vec())

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use datasets::{Split, TokenDataset, TokenizerSpec};
+use datasets::{BatchLoader, CompletionDataset, CompletionLoader, LoaderState, Split, TokenDataset, TokenizerSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::AdamWHyper;
 use models::{AnyConfig, BlockModel, Gpt2Config};
@@ -45,11 +45,91 @@ pub fn resolve_model_config(cfg: &ModelConfig, vocab_size: usize) -> Result<Gpt2
     Ok(m)
 }
 
-/// The prepared dataset folder of a run: `data.prepared_dir`, or `data.sources` tokenized into
+/// The data of a run: token shards (text) or prompt/completion examples (`.jsonl` sources).
+pub enum RunData {
+    Text(TokenDataset),
+    Completions(CompletionDataset),
+}
+
+/// The training loader of either kind of data; both save and restore a `LoaderState`.
+enum RunLoader {
+    Text(BatchLoader),
+    Completions(CompletionLoader),
+}
+
+impl RunLoader {
+    fn next_batch(&mut self) -> datasets::Batch {
+        match self {
+            RunLoader::Text(l) => l.next_batch(),
+            RunLoader::Completions(l) => l.next_batch(),
+        }
+    }
+
+    fn state(&self) -> LoaderState {
+        match self {
+            RunLoader::Text(l) => l.state(),
+            RunLoader::Completions(l) => l.state(),
+        }
+    }
+
+    fn restore(&mut self, state: &LoaderState) -> datasets::Result<()> {
+        match self {
+            RunLoader::Text(l) => l.restore(state),
+            RunLoader::Completions(l) => l.restore(state),
+        }
+    }
+}
+
+impl RunData {
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            RunData::Text(d) => d.vocab_size(),
+            RunData::Completions(d) => d.vocab_size(),
+        }
+    }
+
+    pub fn tokenizer(&self) -> &datasets::Tokenizer {
+        match self {
+            RunData::Text(d) => d.tokenizer(),
+            RunData::Completions(d) => d.tokenizer(),
+        }
+    }
+
+    fn loader(&self, batch: usize, context: usize, seed: u64) -> datasets::Result<RunLoader> {
+        Ok(match self {
+            RunData::Text(d) => RunLoader::Text(d.loader(Split::Train, batch, context, seed)?),
+            RunData::Completions(d) => RunLoader::Completions(d.loader(batch, context, seed)?),
+        })
+    }
+
+    fn val_batches(&self, batch: usize, context: usize, max_batches: usize) -> datasets::Result<Vec<datasets::Batch>> {
+        match self {
+            RunData::Text(d) => Ok(d.val_batches(batch, context, max_batches)?.collect()),
+            RunData::Completions(d) => d.val_batches(batch, context, max_batches),
+        }
+    }
+
+    /// One line for the run's header.
+    fn describe(&self) -> String {
+        match self {
+            RunData::Text(d) => format!("{} ({} train / {} val tokens)", d.dir().display(), d.tokens(Split::Train).len(), d.tokens(Split::Val).len()),
+            RunData::Completions(d) => format!(
+                "{} prompt/completion files ({} train / {} val examples; loss on completion tokens only{})",
+                d.sources().len(),
+                d.examples(Split::Train).len(),
+                d.examples(Split::Val).len(),
+                if d.eos().is_some() { ", EOS appended" } else { "" }
+            ),
+        }
+    }
+}
+
+/// The data of a run: `data.prepared_dir`; or, when every source is a `.jsonl` file,
+/// prompt/completion examples tokenized in memory; or `data.sources` tokenized into
 /// `<out_dir>/data` now (a character vocabulary over ~1 MB takes well under a second).
-fn prepared_data(cfg: &Config) -> Result<PathBuf, BoxError> {
+pub fn load_data(cfg: &Config) -> Result<RunData, BoxError> {
     if !cfg.data.prepared_dir.as_os_str().is_empty() {
-        return Ok(cfg.data.prepared_dir.clone());
+        return Ok(RunData::Text(TokenDataset::open(&cfg.data.prepared_dir)?));
     }
     let dir = cfg.train.out_dir.join("data");
     let init_tokenizer = if cfg.model.init_from.as_os_str().is_empty() {
@@ -63,8 +143,16 @@ fn prepared_data(cfg: &Config) -> Result<PathBuf, BoxError> {
         "char" => TokenizerSpec::Char,
         path => TokenizerSpec::HuggingFace(PathBuf::from(path)),
     };
-    datasets::prepare(&cfg.data.sources, &dir, spec, cfg.data.val_fraction)?;
-    Ok(dir)
+    let sources = &cfg.data.sources;
+    let jsonl = sources.iter().filter(|p| datasets::is_jsonl(p)).count();
+    if jsonl > 0 && jsonl == sources.len() {
+        return Ok(RunData::Completions(CompletionDataset::load(sources, spec, cfg.data.val_fraction)?));
+    }
+    if let Some(p) = sources.iter().find(|p| datasets::is_jsonl(p)) {
+        return Err(format!("{}: data.sources mixes .jsonl prompt/completion files with text; use one kind per run", p.display()).into());
+    }
+    datasets::prepare(sources, &dir, spec, cfg.data.val_fraction)?;
+    Ok(RunData::Text(TokenDataset::open(&dir)?))
 }
 
 fn to_micro_batch(batch: datasets::Batch, device: &Device) -> candle_core::Result<MicroBatch> {
@@ -105,8 +193,7 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())
         .map_err(|e| format!("cannot write {}: {e}", out_dir.join("config.toml").display()))?;
-    let data_dir = prepared_data(cfg)?;
-    let data = TokenDataset::open(&data_dir)?;
+    let data = load_data(cfg)?;
     // The starting model: a folder to fine-tune (read once, shared by the ranks) or a preset.
     let init = if cfg.model.init_from.as_os_str().is_empty() {
         None
@@ -133,7 +220,7 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
 }
 
 /// One rank's training loop (rank 0 also logs, writes metrics, saves the model and samples).
-fn train_rank(cfg: &Config, data: &TokenDataset, init: Option<&model_io::LoadedModel>, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
+fn train_rank(cfg: &Config, data: &RunData, init: Option<&model_io::LoadedModel>, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
     let t = &cfg.train;
     let (rank, world) = (comm.rank(), comm.world_size());
     let main = rank == 0;
@@ -147,10 +234,11 @@ fn train_rank(cfg: &Config, data: &TokenDataset, init: Option<&model_io::LoadedM
         return Err(format!("train.seq_len {seq_len} exceeds the model context {}; lower it or set model.context", model_cfg.context()).into());
     }
     // Every rank draws the same global batches and keeps its rows of each.
-    let mut loader = data.loader(Split::Train, t.batch_size, seq_len, t.seed)?;
+    let mut loader = data.loader(t.batch_size, seq_len, t.seed)?;
     let device = Device::Cpu;
     let val_batches: Vec<MicroBatch> = data
         .val_batches(t.batch_size, seq_len, t.eval_batches)?
+        .into_iter()
         .map(|b| -> Result<MicroBatch, BoxError> { Ok(to_micro_batch(b.rank_rows(rank, world)?, &device)?) })
         .collect::<Result<_, _>>()?;
 
@@ -187,10 +275,8 @@ fn train_rank(cfg: &Config, data: &TokenDataset, init: Option<&model_io::LoadedM
             println!("initialized from {}", cfg.model.init_from.display());
         }
         println!(
-            "data: {} ({} train / {} val tokens); {} tokens per step ({} x {} x {}); {} steps; threads {}",
-            data.dir().display(),
-            data.tokens(Split::Train).len(),
-            data.tokens(Split::Val).len(),
+            "data: {}; {} tokens per step ({} x {} x {}); {} steps; threads {}",
+            data.describe(),
             tokens_per_step,
             t.batch_size,
             t.grad_accum_steps,

@@ -50,6 +50,12 @@ impl EngineOptions {
     }
 }
 
+/// Targets the loss counts: those that are not `kernels::IGNORE_INDEX` (prompt and padding
+/// positions of prompt/completion data are ignored; text data has none).
+fn counted_targets(targets: &Tensor) -> Result<usize> {
+    Ok(targets.flatten_all()?.to_vec1::<u32>()?.iter().filter(|&&t| t != kernels::IGNORE_INDEX).count())
+}
+
 /// One micro-batch: token ids and next-token targets, both (B, T) u32 on the engine's device.
 pub struct MicroBatch {
     pub inputs: Tensor,
@@ -277,7 +283,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// global mean loss), reduce the gradients as the stage says, and compute the global norm.
     pub fn compute_gradients(&mut self, micro_batches: &[MicroBatch]) -> Result<StepStats> {
         let mut stats = StepStats::default();
-        let local_tokens: usize = micro_batches.iter().map(|m| m.targets.elem_count()).sum();
+        let local_tokens: usize = micro_batches.iter().map(|m| counted_targets(&m.targets)).sum::<Result<usize>>()?;
         let mut counts = [local_tokens as f64, micro_batches.len() as f64];
         self.comm.all_reduce_sum(&mut counts, "step").map_err(cerr)?;
         if counts[0] == 0.0 {
@@ -526,7 +532,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             let carry = self.forward_no_grad(&params, &b.inputs)?;
             let loss = self.model.head_loss(&params[0], &carry, &b.targets, Some(1.0))?;
             sums[0] += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            sums[1] += b.targets.elem_count() as f64;
+            sums[1] += counted_targets(&b.targets)? as f64;
         }
         drop(params);
         if self.options.stage.shards(Buffer::Params) {
@@ -548,6 +554,16 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             .collect::<Result<_>>()?;
         let carry = self.forward_no_grad(&params, ids)?;
         self.model.logits(&params[0], &carry)
+    }
+
+    /// Logits (B, T, V) for `ids` at positions continuing `cache` (which grows by T), with no
+    /// graph: the model's `forward_cached` on every unit's detached parameters (sampling; like
+    /// `logits`, for stage 0-2 engines or any stage at world 1).
+    pub fn logits_cached(&mut self, ids: &Tensor, cache: &mut models::block_model::KvCache) -> Result<Tensor> {
+        let params: Vec<Vec<Tensor>> = (0..self.units.len())
+            .map(|i| Ok(self.unit_params(i)?.iter().map(|v| v.as_detached_tensor()).collect()))
+            .collect::<Result<_>>()?;
+        self.model.forward_cached(&params, ids, cache)
     }
 
     fn forward_no_grad(&self, params: &[Vec<Tensor>], ids: &Tensor) -> Result<Carry> {
