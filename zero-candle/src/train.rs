@@ -211,7 +211,10 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
         Some(loaded)
     };
     let timeout = Duration::from_secs_f64(cfg.parallel.comm_timeout_s);
-    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, init.as_ref(), comm))
+    // Read once, shared by the rank threads, and dropped as soon as every rank has copied its range.
+    let init_config = init.as_ref().map(|l| l.config.clone());
+    let init = std::sync::RwLock::new(init);
+    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, init_config.as_ref(), &init, comm))
         .map_err(|e| -> BoxError { e.to_string().into() })?;
     match results.first_mut().and_then(Option::take) {
         Some(summary) => Ok(summary),
@@ -220,13 +223,19 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
 }
 
 /// One rank's training loop (rank 0 also logs, writes metrics, saves the model and samples).
-fn train_rank(cfg: &Config, data: &RunData, init: Option<&model_io::LoadedModel>, comm: LocalComm) -> Result<Option<RunSummary>, BoxError> {
+fn train_rank(
+    cfg: &Config,
+    data: &RunData,
+    init_config: Option<&AnyConfig>,
+    init: &std::sync::RwLock<Option<model_io::LoadedModel>>,
+    comm: LocalComm,
+) -> Result<Option<RunSummary>, BoxError> {
     let t = &cfg.train;
     let (rank, world) = (comm.rank(), comm.world_size());
     let main = rank == 0;
     let out_dir = &t.out_dir;
-    let model_cfg = match init {
-        Some(loaded) => loaded.config.clone(),
+    let model_cfg = match init_config {
+        Some(config) => config.clone(),
         None => AnyConfig::Gpt2(resolve_model_config(&cfg.model, data.vocab_size())?),
     };
     let seq_len = if t.seq_len == 0 { model_cfg.context() } else { t.seq_len };
@@ -244,8 +253,18 @@ fn train_rank(cfg: &Config, data: &RunData, init: Option<&model_io::LoadedModel>
 
     let options = engine_options(cfg)?;
     let mut engine = Engine::new(model_cfg.build()?, comm, t.seed, device.clone(), options)?;
-    if let Some(loaded) = init {
-        engine.load_parameters(&loaded.params).map_err(|e| format!("model.init_from {}: {e}", cfg.model.init_from.display()))?;
+    if init_config.is_some() {
+        {
+            let guard = init.read().map_err(|_| "model.init_from: a rank panicked while loading")?;
+            if let Some(loaded) = guard.as_ref() {
+                engine.load_parameters(&loaded.params).map_err(|e| format!("model.init_from {}: {e}", cfg.model.init_from.display()))?;
+            }
+        }
+        // Every rank now holds its range: free the full copy.
+        engine.comm.barrier("init loaded")?;
+        if rank == 0 {
+            init.write().map_err(|_| "model.init_from: a rank panicked while loading")?.take();
+        }
     }
     let hyper = AdamWHyper {
         lr: t.lr as f32,
@@ -271,7 +290,7 @@ fn train_rank(cfg: &Config, data: &RunData, init: Option<&model_io::LoadedModel>
     let mut metrics = if main { Some(MetricsWriter::open(out_dir, resume_from.is_some())?) } else { None };
     if main {
         println!("model: {} ({:.2}M parameters)", describe(&model_cfg), engine.num_params() as f64 / 1e6);
-        if init.is_some() {
+        if init_config.is_some() {
             println!("initialized from {}", cfg.model.init_from.display());
         }
         println!(
