@@ -308,9 +308,11 @@ fn read_tensors(path: &Path, params: &mut HashMap<String, (Vec<usize>, Vec<f32>)
 }
 
 /// Where a `--model` argument points: an existing folder as is, or a Hugging Face hub id
-/// (`org/name`) resolved in the local hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-/// `~/.cache/huggingface/hub`): `models--org--name/snapshots/<refs/main>`. Nothing is downloaded:
-/// a model missing from the cache is an error that names where it looked.
+/// (`org/name`) resolved through the hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`): `models--org--name/snapshots/<refs/main>`. A model missing from the
+/// cache is downloaded with the hf-hub crate (config.json, model.safetensors or the index and its
+/// shards, tokenizer.json; `HF_ENDPOINT` respected) unless `HF_HUB_OFFLINE=1`, in which case the
+/// error names where it looked.
 pub fn resolve_model_path(arg: &Path) -> Result<PathBuf, BoxError> {
     if arg.is_dir() {
         return Ok(arg.to_path_buf());
@@ -329,17 +331,48 @@ pub fn resolve_model_path(arg: &Path) -> Result<PathBuf, BoxError> {
     };
     let repo = cache.join(format!("models--{}--{}", parts[0], parts[1]));
     let main_ref = repo.join("refs").join("main");
-    let snapshot = std::fs::read_to_string(&main_ref).ok().map(|h| repo.join("snapshots").join(h.trim())).filter(|d| d.is_dir());
-    match snapshot {
-        Some(dir) => Ok(dir),
-        None => Err(format!(
-            "{text} is not a folder and not in the Hugging Face cache (looked for {} and its snapshot); \
-             downloading is not implemented: fetch it with `huggingface-cli download {text}` (HF_HUB_OFFLINE={})",
-            main_ref.display(),
-            std::env::var("HF_HUB_OFFLINE").unwrap_or_else(|_| "unset".into())
-        )
-        .into()),
+    let snapshot = std::fs::read_to_string(&main_ref).ok().map(|h| repo.join("snapshots").join(h.trim())).filter(|d| d.join(CONFIG_FILE).is_file());
+    if let Some(dir) = snapshot {
+        return Ok(dir);
     }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    if offline {
+        return Err(format!(
+            "{text} is not a folder and not in the Hugging Face cache (looked for {} and its snapshot's {CONFIG_FILE}); \
+             HF_HUB_OFFLINE=1 forbids downloading it: unset it, or fetch it with `huggingface-cli download {text}`",
+            main_ref.display()
+        )
+        .into());
+    }
+    download(&text, cache)
+}
+
+/// Download a model's files into the hub cache with the hf-hub crate; returns the snapshot folder.
+fn download(id: &str, cache: PathBuf) -> Result<PathBuf, BoxError> {
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache)).with_progress(false);
+    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+    builder = builder.with_endpoint(endpoint.clone());
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> BoxError {
+        format!("cannot download {what} of {id} from {endpoint}: {e}; check the network, or download it beforehand and set HF_HUB_OFFLINE=1").into()
+    };
+    let api = builder.build().map_err(|e| fail("anything", &e))?;
+    let repo = api.model(id.to_string());
+    let config = repo.get(CONFIG_FILE).map_err(|e| fail(CONFIG_FILE, &e))?;
+    let dir = config.parent().map(Path::to_path_buf).ok_or_else(|| format!("{}: no parent folder", config.display()))?;
+    if repo.get(WEIGHTS_FILE).is_err() {
+        let index = repo.get("model.safetensors.index.json").map_err(|e| fail("model.safetensors or model.safetensors.index.json", &e))?;
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?).map_err(|e| format!("{}: invalid JSON: {e}", index.display()))?;
+        let mut shards: Vec<String> = v.get("weight_map").and_then(|m| m.as_object()).map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
+        shards.sort();
+        shards.dedup();
+        for shard in shards {
+            repo.get(&shard).map_err(|e| fail(&shard, &e))?;
+        }
+    }
+    // Tokenizer files are optional here: loading says clearly if tokenizer.json is missing.
+    let _ = repo.get("tokenizer.json");
+    let _ = repo.get("tokenizer_config.json");
+    Ok(dir)
 }
 
 /// Load a model folder: ours (`train`/`export`) or a Hugging Face GPT-2 / Llama folder

@@ -159,6 +159,19 @@ fn a_hub_id_resolves_in_the_local_hugging_face_cache_and_a_missing_one_names_whe
     let o = run("org/absent");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("models--org--absent") && err.contains("huggingface-cli download"), "{err}");
+    assert!(err.contains("models--org--absent") && err.contains("HF_HUB_OFFLINE=1"), "{err}");
+    // Not offline: the hf-hub download is attempted; an unreachable endpoint is a clear error.
+    let o = Command::new(env!("CARGO_BIN_EXE_zero-candle"))
+        .args(["generate", "--model", "org/absent", "--max-new-tokens", "3"])
+        .env("HF_HOME", out.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot download config.json of org/absent from http://127.0.0.1:9"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
