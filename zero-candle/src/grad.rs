@@ -79,11 +79,11 @@ impl GradBuf {
         }
     }
 
-    /// Values of `range` as f32 (exact for bf16).
-    pub fn to_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+    /// Values of `range` as f32 (exact for bf16): borrowed from an f32 buffer, converted from bf16.
+    pub fn to_f32(&self, range: std::ops::Range<usize>) -> std::borrow::Cow<'_, [f32]> {
         match self {
-            GradBuf::F32(v) => v[range].to_vec(),
-            GradBuf::Bf16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+            GradBuf::F32(v) => std::borrow::Cow::Borrowed(&v[range]),
+            GradBuf::Bf16(v) => std::borrow::Cow::Owned(v[range].iter().map(|x| x.to_f32()).collect()),
         }
     }
 
@@ -116,7 +116,7 @@ mod tests {
             buf.add_f32(0, &src);
             GradDtype::Bf16.add_into(&mut shadow, &src);
         }
-        assert_eq!(buf.to_f32(0..3), shadow);
+        assert_eq!(buf.to_f32(0..3).to_vec(), shadow);
         assert_eq!(buf.bytes(), 6);
         assert_ne!(shadow[2], 0.1234567f32, "bf16 rounding happened");
     }

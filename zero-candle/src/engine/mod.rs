@@ -311,8 +311,19 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let stage = self.options.stage;
         if !stage.shards(Buffer::Grads) {
             for unit in &mut self.units {
-                // Reductions in f32 (bf16 values convert exactly); the result is stored rounded.
-                let full = unit.grad.to_f32(0..unit.grad.len());
+                // f32 buffers reduce in place or straight from the buffer (no copy on the hot
+                // path); bf16 ones go through f32 (exact) and the result is stored rounded.
+                if let GradBuf::F32(full) = &mut unit.grad {
+                    if stage.shards(Buffer::OptState) {
+                        let mut shard = vec![0f32; unit.shard.len()];
+                        self.comm.reduce_scatter_sum(full, &mut shard, &unit.layout.unit).map_err(cerr)?;
+                        unit.grad = GradBuf::F32(shard);
+                    } else {
+                        self.comm.all_reduce_sum(full, &unit.layout.unit).map_err(cerr)?;
+                    }
+                    continue;
+                }
+                let full = unit.grad.to_f32(0..unit.grad.len()).into_owned();
                 let reduced = if stage.shards(Buffer::OptState) {
                     let mut shard = vec![0f32; unit.shard.len()];
                     self.comm.reduce_scatter_sum(&full, &mut shard, &unit.layout.unit).map_err(cerr)?;
@@ -598,7 +609,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             let slot = u.layout.params.iter().find(|s| s.name == name)?;
             let held = if u.grad.len() == u.opt_range.len() { u.opt_range.clone() } else { u.grad_range.clone() };
             let r = intersect(&slot.range(), &held);
-            Some((r.start.saturating_sub(slot.offset), u.grad.to_f32(r.start - held.start..r.end - held.start)))
+            Some((r.start.saturating_sub(slot.offset), u.grad.to_f32(r.start - held.start..r.end - held.start).into_owned()))
         })
     }
 
