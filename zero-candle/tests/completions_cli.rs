@@ -6,58 +6,19 @@
 //! reproduces the uninterrupted run's losses bitwise, and a malformed line is an error naming
 //! the file and line.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use datasets::{CompletionDataset, Split, TokenizerSpec};
-use models::{AnyConfig, Llama, LlamaConfig};
+use models::Llama;
 use zero_candle::comm::{run_ranks, Comm};
 use zero_candle::train::single_rank;
-use zero_candle::{model_io, Engine, EngineOptions, MicroBatch, ZeroStage};
+use zero_candle::{Engine, EngineOptions, MicroBatch, ZeroStage};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tokenizer_path() -> PathBuf {
-    root().join("../shared/models/smollm2-135m-instruct/tokenizer.json")
-}
-
-fn tiny_llama_config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-    }
-}
-
-type Params = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-fn tiny_llama_params() -> Params {
-    let engine = Engine::new(Llama::new(tiny_llama_config()).unwrap(), single_rank().unwrap(), 1, Device::Cpu, EngineOptions::single()).unwrap();
-    engine.full_parameters().unwrap()
-}
-
-fn by_name(params: &Params) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    params.iter().map(|(n, s, v)| (n.clone(), (s.clone(), v.clone()))).collect()
-}
-
-fn tiny_llama_folder(dir: &Path) {
-    let tokenizer = datasets::Tokenizer::from_huggingface_file(&tokenizer_path()).unwrap();
-    let params = tiny_llama_params();
-    let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
-    model_io::save_model_folder(dir, &AnyConfig::Llama(tiny_llama_config()), 64, &named, &tokenizer).unwrap();
-}
+mod common;
+use common::{by_name, root, tiny_llama_config, tiny_llama_folder, tiny_llama_params, tokenizer_path};
 
 const NAMES: [&str; 8] = ["Zorvia", "Quell", "Brandor", "Mistral", "Oskland", "Pellia", "Tarn", "Vexmoor"];
 

@@ -3,39 +3,11 @@
 //! its validation loss falls, the run's model folder is a Llama folder that `eval` reads, and a
 //! checkpoint of it resumes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use candle_core::Device;
-use models::{AnyConfig, Llama, LlamaConfig};
-use zero_candle::train::single_rank;
-use zero_candle::{model_io, Engine, EngineOptions};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tiny_llama_folder(dir: &Path) {
-    let tok_path = root().join("../shared/models/smollm2-135m-instruct/tokenizer.json");
-    assert!(tok_path.is_file(), "missing {}", tok_path.display());
-    let tokenizer = datasets::Tokenizer::from_huggingface_file(&tok_path).unwrap();
-    let cfg = LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-    };
-    let engine = Engine::new(Llama::new(cfg.clone()).unwrap(), single_rank().unwrap(), 1, Device::Cpu, EngineOptions::single()).unwrap();
-    let params = engine.full_parameters().unwrap();
-    let named: Vec<(&str, &[usize], &[f32])> = params.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
-    model_io::save_model_folder(dir, &AnyConfig::Llama(cfg), 64, &named, &tokenizer).unwrap();
-}
+mod common;
+use common::{root, tiny_llama_folder};
 
 fn val_losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
