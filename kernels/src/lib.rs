@@ -16,7 +16,9 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod gelu;
+pub mod gemm;
 pub mod layer_norm;
+pub mod linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
@@ -28,6 +30,7 @@ pub use attention::{causal_attention, causal_attention_reference, causal_softmax
 pub use cross_entropy::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 pub use gelu::{gelu, gelu_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
+pub use linear::{linear, linear_reference, matmul_precision, set_matmul_precision, MatmulPrecision, WeightLayout};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference, rope_tables};
 pub use swiglu::{swiglu, swiglu_reference};

@@ -4,6 +4,7 @@
 //! an export is a plain rename-free copy.
 
 use candle_core::{bail, DType, Result, Tensor, D};
+use kernels::WeightLayout;
 use serde::{Deserialize, Serialize};
 
 use crate::block_model::{cached_attention, BlockModel, Carry, Init, KvCache, ParamSpec, UnitSpec};
@@ -180,18 +181,14 @@ impl Gpt2 {
     }
 
     fn head_logits(&self, root: &[Tensor], x: &Tensor) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
         // lm_head is tied to wte (V, C): logits = x @ wte^T.
-        let logits = x.reshape((b * t, c))?.matmul(&root[WTE].t()?)?; // (B*T, V)
-        logits.reshape((b, t, self.config.vocab_size))
+        kernels::linear(x, &root[WTE], None, WeightLayout::OutIn)
     }
 }
 
 /// y = x @ w + b for x (B, T, In), w (In, Out) as GPT-2's Conv1D.
 fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (bsz, t, n_in) = x.dims3()?;
-    let n_out = w.dim(1)?;
-    x.reshape((bsz * t, n_in))?.matmul(w)?.broadcast_add(b)?.reshape((bsz, t, n_out))
+    kernels::linear(x, w, Some(b), WeightLayout::InOut)
 }
 
 impl BlockModel for Gpt2 {

@@ -75,9 +75,7 @@ const LM_HEAD: usize = 2;
 
 /// y = x @ w^T for x (B, T, In) and an nn.Linear weight w (Out, In).
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (b, t, n_in) = x.dims3()?;
-    let n_out = w.dim(0)?;
-    x.reshape((b * t, n_in))?.matmul(&w.t()?)?.reshape((b, t, n_out))
+    kernels::linear(x, w, None, kernels::WeightLayout::OutIn)
 }
 
 impl Llama {

@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub world: usize,
     pub stage: u8,
     pub recompute: bool,
+    /// f32 matrix products: exact f32, or bf16 inputs with f32 sums (AMX); see kernels::linear.
+    pub matmul: kernels::MatmulPrecision,
 }
 
 /// Median of each phase over the timed steps.
@@ -63,6 +65,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
+    kernels::set_matmul_precision(opts.matmul);
     let big = opts.preset == "gpt2-124m" || opts.from.is_some();
     let loaded = opts.from.as_deref().map(crate::model_io::load_model_folder).transpose()?;
     let config = match &loaded {
@@ -131,7 +134,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
 pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
     let pct = |x: f64| 100.0 * x / r.step_s;
     format!(
-        "model {} ({:.1}M params), batch {} x {}, world {}, ZeRO stage {}, recompute {}, {} timed steps after {} warmup, {} threads\n\
+        "model {} ({:.1}M params), batch {} x {}, world {}, ZeRO stage {}, recompute {}, matmul {}, {} timed steps after {} warmup, {} threads\n\
          | phase     | median s | share |\n|-----------|----------|-------|\n\
          | forward   | {:8.3} | {:4.0}% |\n| backward  | {:8.3} | {:4.0}% |\n| optimizer | {:8.3} | {:4.0}% |\n\
          | step      | {:8.3} |  100% |\n\
@@ -143,6 +146,7 @@ pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
         opts.world,
         opts.stage,
         opts.recompute,
+        crate::train::matmul_label(opts.matmul),
         opts.steps,
         opts.warmup,
         rayon::current_num_threads(),

@@ -186,6 +186,9 @@ enum Command {
         /// Run stages 0, 1, 2, 3 (recompute off and on) and print one table relative to stage 0.
         #[arg(long)]
         sweep_stages: bool,
+        /// f32 matrix products: "f32" (exact) or "bf16" (bf16 inputs, f32 sums, on AMX CPUs).
+        #[arg(long, default_value = "f32")]
+        matmul: String,
     },
 }
 
@@ -268,12 +271,13 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             };
             print!("{}", format_estimate(&sizes, world, &what));
         }
-        Command::Bench { model, from, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages } => {
+        Command::Bench { model, from, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages, matmul } => {
+            let matmul = zero_candle::train::parse_matmul(&matmul)?;
             init_compute_threads(threads);
             if steps == 0 {
                 return Err("--steps must be at least 1".into());
             }
-            let opts = BenchOptions { preset: from.as_ref().map_or(model, |f| f.display().to_string()), from, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute };
+            let opts = BenchOptions { preset: from.as_ref().map_or(model, |f| f.display().to_string()), from, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute, matmul };
             if sweep_stages {
                 let mut results = Vec::new();
                 for (stage, recompute) in [(0, false), (1, false), (2, false), (3, false), (3, true)] {

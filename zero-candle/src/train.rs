@@ -174,6 +174,24 @@ pub fn single_rank() -> Result<LocalComm, BoxError> {
     LocalComm::group(1, Duration::from_secs(300)).pop().ok_or_else(|| "could not create a single-rank communicator".into())
 }
 
+/// `train.matmul_precision` / `bench --matmul`: "f32" or "bf16".
+pub fn parse_matmul(value: &str) -> Result<kernels::MatmulPrecision, BoxError> {
+    match value {
+        "f32" => Ok(kernels::MatmulPrecision::F32),
+        "bf16" => Ok(kernels::MatmulPrecision::Bf16),
+        other => Err(format!("matmul precision {other:?}: expected \"f32\" or \"bf16\"").into()),
+    }
+}
+
+/// What the matmul precision does on this machine, for logs and bench tables.
+pub fn matmul_label(precision: kernels::MatmulPrecision) -> &'static str {
+    match precision {
+        kernels::MatmulPrecision::F32 => "f32",
+        kernels::MatmulPrecision::Bf16 if kernels::gemm::amx_available() => "bf16 (AMX, f32 sums)",
+        kernels::MatmulPrecision::Bf16 => "f32 (bf16 asked; no AMX on this CPU)",
+    }
+}
+
 /// Engine options from the config.
 pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
     let stage = ZeroStage::new(cfg.parallel.zero_stage)?;

@@ -1,0 +1,223 @@
+//! `linear`: y = x W^T + b (or x W + b for GPT-2's Conv1D weights) as one op with one backward.
+//!
+//! Two reasons to have it rather than `matmul` + `broadcast_add`:
+//! - Matmul precision. With [`MatmulPrecision::Bf16`] and a CPU with AMX, the three products
+//!   (forward, input gradient, weight gradient) run in [`crate::gemm::matmul_bf16`]: f32 tensors
+//!   in and out, inputs rounded to bf16, f32 sums. Elsewhere (f32 precision, no AMX, bf16/f16
+//!   tensors, CUDA) it is exactly candle's `matmul` + `broadcast_add`.
+//! - Fewer autograd nodes: candle's backward for matmul + broadcast_add + reshapes allocates and
+//!   accumulates a zero-filled gradient per edge; one custom op hands back dx, dW and db directly.
+//!
+//! The precision is a process-wide switch (like PyTorch's `torch.set_float32_matmul_precision`),
+//! set once by the trainer from its config before building the model.
+
+use crate::gemm::{amx_available, matmul_bf16, MatRef};
+use crate::util::contiguous_slice;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// How f32 matrix products are computed on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// Exact f32 products (candle's gemm).
+    F32,
+    /// Inputs rounded to bf16, f32 accumulation, on AMX when the CPU has it (else F32).
+    Bf16,
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Set the process-wide matmul precision used by [`linear`] (and attention products).
+pub fn set_matmul_precision(precision: MatmulPrecision) {
+    PRECISION.store(precision as u8, Ordering::Relaxed);
+}
+
+/// The precision last set (F32 unless changed).
+pub fn matmul_precision() -> MatmulPrecision {
+    if PRECISION.load(Ordering::Relaxed) == MatmulPrecision::Bf16 as u8 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    }
+}
+
+/// Whether f32 products on `device` go through the AMX bf16 path right now.
+pub fn uses_bf16_matmul(device: &Device, dtype: DType) -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && device.is_cpu() && dtype == DType::F32 && amx_available()
+}
+
+/// How the weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// (out, in): torch.nn.Linear, Llama. y = x W^T.
+    OutIn,
+    /// (in, out): GPT-2's Conv1D. y = x W.
+    InOut,
+}
+
+/// The reference: candle primitives, any dtype and device.
+pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n_in = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / n_in.max(1);
+    let w = match layout {
+        WeightLayout::OutIn => w.t()?,
+        WeightLayout::InOut => w.clone(),
+    };
+    let y = x.reshape((rows, n_in))?.matmul(&w)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = y.dim(1)?;
+    y.reshape(out_dims)
+}
+
+/// y = x W^T + b (`OutIn`) or x W + b (`InOut`) over the last dimension of `x`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    if !uses_bf16_matmul(x.device(), x.dtype()) || w.dtype() != DType::F32 {
+        return linear_reference(x, w, b, layout);
+    }
+    let (n_in, n_out) = weight_dims(w, layout)?;
+    if x.dim(D::Minus1)? != n_in {
+        bail!("linear: input has {} features but the weight {:?} ({layout:?}) expects {n_in}", x.dim(D::Minus1)?, w.dims());
+    }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let op = LinearOp { layout, n_in, n_out };
+    match b {
+        Some(b) => {
+            if b.dims() != [n_out] {
+                bail!("linear: bias has shape {:?}, expected [{n_out}]", b.dims());
+            }
+            x.apply_op3(&w, &b.contiguous()?, op)
+        }
+        None => x.apply_op2(&w, op),
+    }
+}
+
+fn weight_dims(w: &Tensor, layout: WeightLayout) -> Result<(usize, usize)> {
+    let (r, c) = w.dims2()?;
+    Ok(match layout {
+        WeightLayout::OutIn => (c, r),
+        WeightLayout::InOut => (r, c),
+    })
+}
+
+#[derive(Clone, Copy)]
+struct LinearOp {
+    layout: WeightLayout,
+    n_in: usize,
+    n_out: usize,
+}
+
+impl LinearOp {
+    /// The weight as a (n_in x n_out) matrix B with y = x B.
+    fn weight_as_b<'a>(&self, w: &'a [f32]) -> MatRef<'a> {
+        match self.layout {
+            WeightLayout::OutIn => MatRef::new(w, self.n_out, self.n_in).t(),
+            WeightLayout::InOut => MatRef::new(w, self.n_in, self.n_out),
+        }
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let rows = x.len() / self.n_in;
+        let mut y = vec![0f32; rows * self.n_out];
+        if let Some(bias) = bias {
+            y.chunks_mut(self.n_out).for_each(|row| row.copy_from_slice(bias));
+        }
+        matmul_bf16(MatRef::new(x, rows, self.n_in), self.weight_as_b(w), &mut y, self.n_out, bias.is_some());
+        y
+    }
+
+    fn out_shape(&self, x: &Layout) -> Shape {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = self.n_out;
+        Shape::from(dims)
+    }
+
+    /// dx, dW (in the weight's own layout) and db for upstream gradient `g` (rows x n_out).
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let grad = grad.contiguous()?.to_dtype(DType::F32)?;
+        let (n_in, n_out) = (self.n_in, self.n_out);
+        let rows = x.elem_count() / n_in;
+        let (gs, gl) = grad.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*gs, &*xs, &*ws)
+        else {
+            bail!("linear backward: expected f32 CPU tensors");
+        };
+        let op = "linear backward";
+        let (g, xv, wv) = (contiguous_slice(g, gl, op)?, contiguous_slice(xv, xl, op)?, contiguous_slice(wv, wl, op)?);
+        let gm = MatRef::new(g, rows, n_out);
+        let xm = MatRef::new(xv, rows, n_in);
+        // dx = g B^T.
+        let mut dx = vec![0f32; rows * n_in];
+        matmul_bf16(gm, self.weight_as_b(wv).t(), &mut dx, n_in, false);
+        // dB = x^T g (n_in x n_out); stored as the weight is: OutIn wants dB^T = g^T x.
+        let dw = match self.layout {
+            WeightLayout::InOut => {
+                let mut dw = vec![0f32; n_in * n_out];
+                matmul_bf16(xm.t(), gm, &mut dw, n_out, false);
+                dw
+            }
+            WeightLayout::OutIn => {
+                let mut dw = vec![0f32; n_out * n_in];
+                matmul_bf16(gm.t(), xm, &mut dw, n_in, false);
+                dw
+            }
+        };
+        let db = with_bias.then(|| {
+            let mut db = vec![0f32; n_out];
+            for row in g.chunks(n_out) {
+                db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+            }
+            db
+        });
+        drop((gs, xs, ws));
+        let dev = Device::Cpu;
+        let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
+        let dw = Tensor::from_vec(dw, w.shape(), &dev)?;
+        let db = db.map(|db| Tensor::from_vec(db, n_out, &dev)).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(d) => contiguous_slice(d, l, what),
+        other => bail!("{what}: expected f32, got {:?}", other.dtype()),
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(f32_slice(xs, xl, "linear x")?, f32_slice(ws, wl, "linear weight")?, None);
+        Ok((CpuStorage::F32(y), self.out_shape(xl)))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, grad, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-bias-bf16"
+    }
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let bias = f32_slice(bs, bl, "linear bias")?;
+        let y = self.forward(f32_slice(xs, xl, "linear x")?, f32_slice(ws, wl, "linear weight")?, Some(bias));
+        Ok((CpuStorage::F32(y), self.out_shape(xl)))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, w, grad, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
