@@ -42,7 +42,7 @@ pub fn gelu_reference(x: &Tensor) -> Result<Tensor> {
     y.to_dtype(x.dtype())
 }
 
-struct Gelu;
+pub(crate) struct Gelu;
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {

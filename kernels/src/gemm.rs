@@ -107,42 +107,70 @@ fn for_each_panel(packed: &mut [u16], len: usize, parallel: bool, f: impl Fn(usi
     }
 }
 
-/// Pack A (m x k) into tiles [m/16][k/32] of 16 rows x 32 bf16, zero padded to m % 32 == 0.
+/// Pack A (m x k) into tiles [m/16][k/32] of 16 rows x 32 bf16. Every element of `packed` is
+/// written (padding rows and the K tail with zeros), so the buffer can be reused unzeroed.
 fn pack_a(a: &MatRef, packed: &mut [u16], k_tiles: usize, parallel: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if (a.col_stride == 1 || a.row_stride == 1) && simd::available() {
+        // SAFETY: AVX-512 BF16 was detected.
+        return for_each_panel(packed, k_tiles * TILE, parallel, |mb, panel| unsafe { simd::pack_a_panel(a, panel, mb, k_tiles) });
+    }
+    pack_a_scalar(a, packed, k_tiles, parallel)
+}
+
+fn pack_a_scalar(a: &MatRef, packed: &mut [u16], k_tiles: usize, parallel: bool) {
     let (m, k) = (a.rows, a.cols);
     for_each_panel(packed, k_tiles * TILE, parallel, |mb, panel| {
-        let rows = (mb * 16)..((mb + 1) * 16).min(m);
-        if rows.is_empty() {
-            return; // padding rows stay zero
-        }
+        let r0 = mb * 16;
+        let height = m.saturating_sub(r0).min(16);
         if a.col_stride == 1 {
-            for r in rows {
-                let src = &a.data[r * a.row_stride..r * a.row_stride + k];
-                for (kb, chunk) in src.chunks(32).enumerate() {
-                    let dst = &mut panel[kb * TILE + (r % 16) * 32..][..chunk.len()];
-                    for (d, &s) in dst.iter_mut().zip(chunk) {
-                        *d = bf16_bits(s);
+            for rr in 0..16 {
+                for kb in 0..k_tiles {
+                    let dst = &mut panel[kb * TILE + rr * 32..][..32];
+                    let valid = if rr < height { k.saturating_sub(kb * 32).min(32) } else { 0 };
+                    if valid > 0 {
+                        let src = &a.data[(r0 + rr) * a.row_stride + kb * 32..][..valid];
+                        for (d, &x) in dst.iter_mut().zip(src) {
+                            *d = bf16_bits(x);
+                        }
                     }
+                    dst[valid..].fill(0);
                 }
             }
         } else if a.row_stride == 1 {
-            // Columns of A are contiguous (A is a transposed view): walk K outer, rows inner.
-            let (r0, height) = (rows.start, rows.len());
-            for p in 0..k {
-                let (kb, kc) = (p / 32, p % 32);
-                let src = &a.data[p * a.col_stride + r0..][..height];
-                for (r, &x) in src.iter().enumerate() {
-                    panel[kb * TILE + r * 32 + kc] = bf16_bits(x);
+            // Columns of A are contiguous (A is a transposed view): take two K rows of the
+            // source at a time and write each A row's (p, p+1) pair as one u32.
+            let panel32 = as_pairs(panel);
+            let zeros = [0f32; 16];
+            for pair in 0..k_tiles * 16 {
+                let p = 2 * pair;
+                let row = |q: usize| if q < k && height > 0 { &a.data[q * a.col_stride + r0..][..height] } else { &zeros[..0] };
+                let (x0, x1) = (row(p), row(p + 1));
+                let (kb, pp) = (pair / 16, pair % 16);
+                for rr in 0..16 {
+                    let lo = x0.get(rr).copied().unwrap_or(0.0);
+                    let hi = x1.get(rr).copied().unwrap_or(0.0);
+                    panel32[kb * 256 + rr * 16 + pp] = bf16_pair(lo, hi);
                 }
             }
         } else {
-            for p in 0..k {
-                for r in rows.clone() {
-                    panel[(p / 32) * TILE + (r % 16) * 32 + p % 32] = bf16_bits(a.at(r, p));
+            for rr in 0..16 {
+                for p in 0..k_tiles * 32 {
+                    let x = if rr < height && p < k { a.at(r0 + rr, p) } else { 0.0 };
+                    panel[(p / 32) * TILE + rr * 32 + p % 32] = bf16_bits(x);
                 }
             }
         }
     });
+}
+
+/// A packed panel seen as u32 VNNI pairs.
+fn as_pairs(panel: &mut [u16]) -> &mut [u32] {
+    // SAFETY: u16 -> u32 reinterpretation; the buffers come from Vec<u16> allocations, which the
+    // global allocator aligns to at least 8 bytes, and panels are multiples of 512 elements.
+    let (head, pairs, tail) = unsafe { panel.align_to_mut::<u32>() };
+    assert!(head.is_empty() && tail.is_empty(), "packed buffer not 4-byte aligned");
+    pairs
 }
 
 /// Two f32 as one VNNI pair: `lo` (even K) in the low half, `hi` (odd K) in the high half.
@@ -153,53 +181,202 @@ fn bf16_pair(lo: f32, hi: f32) -> u32 {
 
 /// Pack B (k x n) into VNNI tiles [n/16][k/32]: (p, c) goes to pair row (p%32)/2, slot 2(c%16) + p%2.
 /// Seen as u32, a tile is 16 pair rows x 16 columns, so both source layouts pack with plain
-/// loops over u32 pairs that LLVM vectorizes.
+/// loops over u32 pairs. Every element is written (padding with zeros).
 fn pack_b(b: &MatRef, packed: &mut [u16], k_tiles: usize, parallel: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if (b.col_stride == 1 || b.row_stride == 1) && simd::available() {
+        // SAFETY: AVX-512 BF16 was detected.
+        return for_each_panel(packed, k_tiles * TILE, parallel, |nb, panel| unsafe { simd::pack_b_panel(b, panel, nb, k_tiles) });
+    }
+    pack_b_scalar(b, packed, k_tiles, parallel)
+}
+
+fn pack_b_scalar(b: &MatRef, packed: &mut [u16], k_tiles: usize, parallel: bool) {
     let (k, n) = (b.rows, b.cols);
     for_each_panel(packed, k_tiles * TILE, parallel, |nb, panel| {
-        // SAFETY: u16 -> u32 reinterpretation of an even-length, 4-byte aligned allocation
-        // (the Vec<u16> comes from the global allocator, aligned to at least 8).
-        let (head, panel32, tail) = unsafe { panel.align_to_mut::<u32>() };
-        assert!(head.is_empty() && tail.is_empty(), "pack_b: packed buffer not 4-byte aligned");
+        let panel32 = as_pairs(panel);
         let c0 = nb * 16;
         let width = n.saturating_sub(c0).min(16);
-        if width == 0 {
-            return; // padding columns stay zero
-        }
-        let even = k / 2 * 2;
+        let pairs = k_tiles * 16;
+        let full = k / 2; // pairs with both halves inside K
         if b.row_stride == 1 {
             // Each column of B is contiguous along K (B is a transposed row-major weight).
-            for c in 0..width {
+            for c in 0..16 {
+                if c >= width {
+                    (0..pairs).for_each(|pp| panel32[pp * 16 + c] = 0);
+                    continue;
+                }
                 let col = &b.data[(c0 + c) * b.col_stride..][..k];
-                for (pp, pair) in col[..even].chunks_exact(2).enumerate() {
+                for (pp, pair) in col[..2 * full].chunks_exact(2).enumerate() {
                     panel32[pp * 16 + c] = bf16_pair(pair[0], pair[1]);
                 }
-                if k % 2 == 1 {
-                    panel32[(k / 2) * 16 + c] = bf16_pair(col[k - 1], 0.0);
+                for pp in full..pairs {
+                    let lo = if 2 * pp < k { col[2 * pp] } else { 0.0 };
+                    panel32[pp * 16 + c] = bf16_pair(lo, 0.0);
                 }
             }
         } else if b.col_stride == 1 {
-            for p in (0..even).step_by(2) {
-                let (r0, r1) = (&b.data[p * b.row_stride + c0..][..width], &b.data[(p + 1) * b.row_stride + c0..][..width]);
-                let dst = &mut panel32[(p / 2) * 16..][..width];
+            let zeros = [0f32; 16];
+            for pp in 0..pairs {
+                let row = |q: usize| if q < k && width > 0 { &b.data[q * b.row_stride + c0..][..width] } else { &zeros[..width] };
+                let (r0, r1) = (row(2 * pp), row(2 * pp + 1));
+                let dst = &mut panel32[pp * 16..][..16];
                 for ((d, &x0), &x1) in dst.iter_mut().zip(r0).zip(r1) {
                     *d = bf16_pair(x0, x1);
                 }
-            }
-            if k % 2 == 1 {
-                let r0 = &b.data[(k - 1) * b.row_stride + c0..][..width];
-                for (d, &x0) in panel32[(k / 2) * 16..][..width].iter_mut().zip(r0) {
-                    *d = bf16_pair(x0, 0.0);
-                }
+                dst[width..].fill(0);
             }
         } else {
-            for p in 0..k {
-                for c in 0..width {
-                    panel[(p / 2) * 32 + c * 2 + p % 2] = bf16_bits(b.at(p, c0 + c));
+            for pp in 0..pairs {
+                for c in 0..16 {
+                    let at = |q: usize| if q < k && c < width { b.at(q, c0 + c) } else { 0.0 };
+                    panel32[pp * 16 + c] = bf16_pair(at(2 * pp), at(2 * pp + 1));
                 }
             }
         }
     });
+}
+
+/// AVX-512 packers (every AMX CPU has AVX-512 BF16): `vcvtne2ps2bf16` converts 32 floats at a
+/// time (round to nearest even; it treats denormal inputs as zero, which the scalar path does
+/// not), masked loads cover ragged edges and scatters write transposed columns. The same layouts
+/// as the scalar packers above, which remain for CPUs without AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{MatRef, TILE};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")
+    }
+
+    /// Up to 16 floats from `src` (0 reads nothing; fewer than 16 use a masked load).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(src: *const f32, valid: usize) -> __m512 {
+        match valid {
+            0 => _mm512_setzero_ps(),
+            v if v >= 16 => _mm512_loadu_ps(src),
+            v => _mm512_maskz_loadu_ps(((1u32 << v) - 1) as u16, src),
+        }
+    }
+
+    /// 32 floats (a then b) to 32 bf16 in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn convert32(a: __m512, b: __m512) -> __m512i {
+        std::mem::transmute(_mm512_cvtne2ps_pbh(b, a))
+    }
+
+    /// 16 VNNI pairs: lane i = (lo[i], hi[i]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pairs(lo: __m512, hi: __m512) -> __m512i {
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        _mm512_permutexvar_epi16(interleave, convert32(lo, hi))
+    }
+
+    /// Offsets of 16 tile rows (or pair rows) in u32 units: 0, 16, ..., 240.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_offsets() -> __m512i {
+        _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0)
+    }
+
+    /// # Safety
+    /// AVX-512 BF16 must be available; `panel` is panel `mb` of [`super::pack_a`]'s layout.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_a_panel(a: &MatRef, panel: &mut [u16], mb: usize, k_tiles: usize) {
+        let (m, k) = (a.rows, a.cols);
+        let r0 = mb * 16;
+        let height = m.saturating_sub(r0).min(16);
+        let base = a.data.as_ptr();
+        assert!(panel.len() >= k_tiles * TILE);
+        let out = panel.as_mut_ptr();
+        if a.col_stride == 1 {
+            for rr in 0..16 {
+                let row = base.wrapping_add((r0 + rr) * a.row_stride);
+                for kb in 0..k_tiles {
+                    let valid = if rr < height { k.saturating_sub(kb * 32).min(32) } else { 0 };
+                    let lo = load16(row.wrapping_add(kb * 32), valid.min(16));
+                    let hi = load16(row.wrapping_add(kb * 32 + 16), valid.saturating_sub(16));
+                    _mm512_storeu_si512(out.add(kb * TILE + rr * 32) as *mut _, convert32(lo, hi));
+                }
+            }
+        } else {
+            // A is a transposed view (row_stride 1): two K rows of the source give 16 pairs,
+            // one per A row, scattered down the tile's rows.
+            debug_assert_eq!(a.row_stride, 1);
+            let out32 = out as *mut i32;
+            for pair in 0..k_tiles * 16 {
+                let p = 2 * pair;
+                let src = |q: usize| if q < k { load16(base.wrapping_add(q * a.col_stride + r0), height) } else { _mm512_setzero_ps() };
+                let v = pairs(src(p), src(p + 1));
+                let (kb, pp) = (pair / 16, pair % 16);
+                _mm512_i32scatter_epi32::<4>(out32.add(kb * 256 + pp), row_offsets(), v);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 BF16 must be available; `panel` is panel `nb` of [`super::pack_b`]'s layout.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_b_panel(b: &MatRef, panel: &mut [u16], nb: usize, k_tiles: usize) {
+        let (k, n) = (b.rows, b.cols);
+        let c0 = nb * 16;
+        let width = n.saturating_sub(c0).min(16);
+        let base = b.data.as_ptr();
+        assert!(panel.len() >= k_tiles * TILE);
+        let out32 = panel.as_mut_ptr() as *mut i32;
+        if b.col_stride == 1 {
+            for pp in 0..k_tiles * 16 {
+                let src = |q: usize| if q < k { load16(base.wrapping_add(q * b.row_stride + c0), width) } else { _mm512_setzero_ps() };
+                _mm512_storeu_si512(out32.add(pp * 16) as *mut _, pairs(src(2 * pp), src(2 * pp + 1)));
+            }
+        } else {
+            // Columns of B are contiguous along K: 32 consecutive K values are 16 pairs in order,
+            // scattered down the tile's pair rows.
+            debug_assert_eq!(b.row_stride, 1);
+            for c in 0..16 {
+                let col = base.wrapping_add((c0 + c) * b.col_stride);
+                for kb in 0..k_tiles {
+                    let valid = if c < width { k.saturating_sub(kb * 32).min(32) } else { 0 };
+                    let lo = load16(col.wrapping_add(kb * 32), valid.min(16));
+                    let hi = load16(col.wrapping_add(kb * 32 + 16), valid.saturating_sub(16));
+                    _mm512_i32scatter_epi32::<4>(out32.add(kb * 256 + c), row_offsets(), convert32(lo, hi));
+                }
+            }
+        }
+    }
+}
+
+/// Packing buffers, kept per thread between calls (every element is rewritten by the packers,
+/// so no zeroing); a re-entrant call or one above the cap gets fresh buffers.
+fn with_pack_buffers<R>(len_a: usize, len_b: usize, f: impl FnOnce(&mut [u16], &mut [u16]) -> R) -> R {
+    use std::cell::RefCell;
+    const CACHE_CAP: usize = 8 << 20; // elements per buffer (16 MiB)
+    thread_local! {
+        static BUFFERS: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+    if len_a.max(len_b) > CACHE_CAP {
+        return f(&mut vec![0; len_a], &mut vec![0; len_b]);
+    }
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (a, b) = &mut *bufs;
+            if a.len() < len_a {
+                a.resize(len_a, 0);
+            }
+            if b.len() < len_b {
+                b.resize(len_b, 0);
+            }
+            f(&mut a[..len_a], &mut b[..len_b])
+        }
+        Err(_) => f(&mut vec![0; len_a], &mut vec![0; len_b]),
+    })
 }
 
 #[repr(C, align(64))]
@@ -248,27 +425,25 @@ pub unsafe fn matmul_bf16_raw(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, acc
     assert!(amx_available(), "matmul_bf16 needs AMX-BF16 (check kernels::gemm::amx_available first)");
     let k_tiles = k.div_ceil(32);
     let (mp, np) = (round_up(m, 32), round_up(n, 32));
-    let mut pa = vec![0u16; (mp / 16) * k_tiles * TILE];
-    let mut pb = vec![0u16; (np / 16) * k_tiles * TILE];
-    pack_a(&a, &mut pa, k_tiles, parallel);
-    pack_b(&b, &mut pb, k_tiles, parallel);
-
-    // Rows of A per L2 block: keep the packed A block near 512 KiB.
-    let rows_per_block = ((512 * 1024) / (k_tiles * 64 * 2)).max(32) / 32 * 32;
-    let col_pairs = np / 32;
-    if !parallel {
-        amx_blocks(&pa, &pb, k_tiles, m, n, mp, rows_per_block, 0..col_pairs, c, ldc, accumulate);
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = col_pairs.div_ceil(threads * 2).max(1);
     let c_addr = c as usize;
-    (0..col_pairs).into_par_iter().step_by(chunk).for_each(|j0| {
-        let j1 = (j0 + chunk).min(col_pairs);
-        // SAFETY: each task writes only columns [32 j0, 32 j1) of C, disjoint from other tasks,
-        // inside the extent the caller guarantees.
-        unsafe { amx_blocks(&pa, &pb, k_tiles, m, n, mp, rows_per_block, j0..j1, c_addr as *mut f32, ldc, accumulate) };
-    });
+    with_pack_buffers((mp / 16) * k_tiles * TILE, (np / 16) * k_tiles * TILE, |pa, pb| {
+        pack_a(&a, pa, k_tiles, parallel);
+        pack_b(&b, pb, k_tiles, parallel);
+        // Rows of A per L2 block: keep the packed A block near 512 KiB.
+        let rows_per_block = ((512 * 1024) / (k_tiles * 64 * 2)).max(32) / 32 * 32;
+        let col_pairs = np / 32;
+        let blocks = |cols: std::ops::Range<usize>| {
+            // SAFETY: a call writes only columns [32 cols.start, 32 cols.end) of C, disjoint
+            // between tasks, inside the extent the caller guarantees.
+            unsafe { amx_blocks(pa, pb, k_tiles, m, n, mp, rows_per_block, cols, c_addr as *mut f32, ldc, accumulate) }
+        };
+        if !parallel {
+            return blocks(0..col_pairs);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = col_pairs.div_ceil(threads * 2).max(1);
+        (0..col_pairs).into_par_iter().step_by(chunk).for_each(|j0| blocks(j0..(j0 + chunk).min(col_pairs)));
+    })
 }
 
 /// C (+)= A B in exact f32 on this thread (the gemm crate candle uses, no threading).
@@ -298,7 +473,22 @@ pub unsafe fn matmul_serial_raw(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, a
     }
 }
 
+/// Zero, load or store accumulator tile `t` (0..4 = tmm0..tmm3): tile registers are named in the
+/// instruction, so each needs its own `asm!`.
+macro_rules! tile_op {
+    ($t:expr, $fmt0:literal, $fmt1:literal, $fmt2:literal, $fmt3:literal, $($args:tt)*) => {
+        match $t {
+            0 => asm!($fmt0, $($args)*),
+            1 => asm!($fmt1, $($args)*),
+            2 => asm!($fmt2, $($args)*),
+            _ => asm!($fmt3, $($args)*),
+        }
+    };
+}
+
 /// Compute the 32x32 C blocks of column pairs `cols` for all rows, on the calling thread.
+/// Tiles wholly inside C are loaded from (when accumulating) and stored to C directly; edge
+/// tiles go through a scratch tile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn amx_blocks(pa: &[u16], pb: &[u16], k_tiles: usize, m: usize, n: usize, mp: usize, rows_per_block: usize,
     cols: std::ops::Range<usize>, c: *mut f32, ldc: usize, accumulate: bool) {
@@ -308,8 +498,9 @@ unsafe fn amx_blocks(pa: &[u16], pb: &[u16], k_tiles: usize, m: usize, n: usize,
         cfg.colsb[t] = 64;
         cfg.rows[t] = 16;
     }
-    let mut scratch = [[0f32; 256]; 4];
+    let mut scratch = [0f32; 256];
     let stride = 64usize;
+    let c_stride = ldc * 4;
     asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
     let panel = k_tiles * TILE;
     for i_block in (0..mp).step_by(rows_per_block) {
@@ -319,7 +510,23 @@ unsafe fn amx_blocks(pa: &[u16], pb: &[u16], k_tiles: usize, m: usize, n: usize,
             for i in (i_block..(i_block + rows_per_block).min(mp)).step_by(32) {
                 let a0 = pa.as_ptr().add((i / 16) * panel);
                 let a1 = a0.add(panel);
-                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                // Tile t holds rows i + 16 (t / 2) and columns 32 j + 16 (t % 2).
+                let corner = |t: usize| (i + 16 * (t / 2), 32 * j + 16 * (t % 2));
+                let inside = |t: usize| {
+                    let (r0, c0) = corner(t);
+                    r0 + 16 <= m && c0 + 16 <= n
+                };
+                for t in 0..4 {
+                    let (r0, c0) = corner(t);
+                    if accumulate && inside(t) {
+                        let src = c.add(r0 * ldc + c0);
+                        tile_op!(t, "tileloadd tmm0, [{p} + {s}*1]", "tileloadd tmm1, [{p} + {s}*1]",
+                            "tileloadd tmm2, [{p} + {s}*1]", "tileloadd tmm3, [{p} + {s}*1]",
+                            p = in(reg) src, s = in(reg) c_stride, options(nostack, readonly));
+                    } else {
+                        tile_op!(t, "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    }
+                }
                 for kb in 0..k_tiles {
                     let off = kb * TILE;
                     asm!(
@@ -336,25 +543,26 @@ unsafe fn amx_blocks(pa: &[u16], pb: &[u16], k_tiles: usize, m: usize, n: usize,
                         options(nostack, readonly),
                     );
                 }
-                asm!(
-                    "tilestored [{p0} + {s}*1], tmm0",
-                    "tilestored [{p1} + {s}*1], tmm1",
-                    "tilestored [{p2} + {s}*1], tmm2",
-                    "tilestored [{p3} + {s}*1], tmm3",
-                    p0 = in(reg) scratch[0].as_mut_ptr(), p1 = in(reg) scratch[1].as_mut_ptr(),
-                    p2 = in(reg) scratch[2].as_mut_ptr(), p3 = in(reg) scratch[3].as_mut_ptr(), s = in(reg) stride,
-                    options(nostack),
-                );
-                // Tile t holds rows i + 16 (t / 2) and columns 32 j + 16 (t % 2).
-                for (t, tile) in scratch.iter().enumerate() {
-                    let (r0, c0) = (i + 16 * (t / 2), 32 * j + 16 * (t % 2));
+                for t in 0..4 {
+                    let (r0, c0) = corner(t);
+                    if inside(t) {
+                        let dst = c.add(r0 * ldc + c0);
+                        tile_op!(t, "tilestored [{p} + {s}*1], tmm0", "tilestored [{p} + {s}*1], tmm1",
+                            "tilestored [{p} + {s}*1], tmm2", "tilestored [{p} + {s}*1], tmm3",
+                            p = in(reg) dst, s = in(reg) c_stride, options(nostack));
+                        continue;
+                    }
                     if r0 >= m || c0 >= n {
                         continue;
                     }
+                    let sp = scratch.as_mut_ptr();
+                    tile_op!(t, "tilestored [{p} + {s}*1], tmm0", "tilestored [{p} + {s}*1], tmm1",
+                        "tilestored [{p} + {s}*1], tmm2", "tilestored [{p} + {s}*1], tmm3",
+                        p = in(reg) sp, s = in(reg) stride, options(nostack));
                     let width = (n - c0).min(16);
                     for r in 0..(m - r0).min(16) {
                         let dst = std::slice::from_raw_parts_mut(c.add((r0 + r) * ldc + c0), width);
-                        let src = &tile[r * 16..r * 16 + width];
+                        let src = &scratch[r * 16..r * 16 + width];
                         if accumulate {
                             dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
                         } else {
@@ -412,6 +620,32 @@ mod tests {
             }
             for col in n..ldc {
                 assert_eq!(c[r * ldc + col], 0.5, "padding column {col} of row {r} written");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_packing_equals_scalar_packing() {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            for &(rows, cols) in &[(1, 1), (16, 32), (33, 70), (17, 5), (64, 96)] {
+                let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0).collect();
+                for transposed in [false, true] {
+                    let m = if transposed { MatRef::new(&data, cols, rows).t() } else { MatRef::new(&data, rows, cols) };
+                    // As A (rows x k) and as B (k x cols).
+                    let k_tiles = m.cols.div_ceil(32);
+                    let len = round_up(m.rows, 32) / 16 * k_tiles * TILE;
+                    let (mut fast, mut slow) = (vec![7u16; len], vec![9u16; len]);
+                    pack_a(&m, &mut fast, k_tiles, false);
+                    pack_a_scalar(&m, &mut slow, k_tiles, false);
+                    assert_eq!(fast, slow, "pack_a {rows}x{cols} transposed {transposed}");
+                    let k_tiles = m.rows.div_ceil(32);
+                    let len = round_up(m.cols, 32) / 16 * k_tiles * TILE;
+                    let (mut fast, mut slow) = (vec![7u16; len], vec![9u16; len]);
+                    pack_b(&m, &mut fast, k_tiles, true);
+                    pack_b_scalar(&m, &mut slow, k_tiles, true);
+                    assert_eq!(fast, slow, "pack_b {rows}x{cols} transposed {transposed}");
+                }
             }
         }
     }

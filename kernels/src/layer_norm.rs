@@ -84,8 +84,8 @@ fn check_args(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
     Ok(())
 }
 
-struct LayerNorm {
-    eps: f32,
+pub(crate) struct LayerNorm {
+    pub(crate) eps: f32,
 }
 
 impl CustomOp3 for LayerNorm {

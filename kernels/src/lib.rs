@@ -14,12 +14,14 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod backward;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod gemm;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;
+pub mod self_attention;
 pub mod rope;
 pub mod swiglu;
 pub mod testing;
@@ -32,5 +34,6 @@ pub use gelu::{gelu, gelu_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference, matmul_precision, set_matmul_precision, MatmulPrecision, WeightLayout};
 pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use self_attention::{causal_self_attention, causal_self_attention_reference};
 pub use rope::{rope, rope_reference, rope_tables};
 pub use swiglu::{swiglu, swiglu_reference};

@@ -221,3 +221,22 @@ impl CustomOp3 for LinearOp {
         Ok((Some(dx), Some(dw), db))
     }
 }
+
+/// dx, dW (in the weight's layout) and db (when `with_bias`) of `linear(x, w, b, layout)` for
+/// upstream `dy`, without autograd: the op's own backward on the bf16 path, candle matmuls
+/// otherwise (the same products autograd would run).
+pub fn linear_backward(x: &Tensor, w: &Tensor, with_bias: bool, dy: &Tensor, layout: WeightLayout) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (n_in, n_out) = weight_dims(w, layout)?;
+    if uses_bf16_matmul(x.device(), x.dtype()) && w.dtype() == DType::F32 {
+        let op = LinearOp { layout, n_in, n_out };
+        return op.backward(&x.contiguous()?, &w.contiguous()?, dy, with_bias);
+    }
+    let rows = x.elem_count() / n_in.max(1);
+    let (x2, g2) = (x.reshape((rows, n_in))?, dy.reshape((rows, n_out))?);
+    let (dx, dw) = match layout {
+        WeightLayout::OutIn => (g2.matmul(w)?, g2.t()?.matmul(&x2)?),
+        WeightLayout::InOut => (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?),
+    };
+    let db = if with_bias { Some(g2.sum(0)?) } else { None };
+    Ok((dx.reshape(x.shape())?, dw, db))
+}

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::block_model::{BlockModel, Carry, KvCache, UnitSpec};
+use crate::block_model::{BlockModel, BlockTape, Carry, KvCache, UnitSpec};
 use crate::gpt2::{Gpt2, Gpt2Config};
 use crate::llama::{Llama, LlamaConfig};
 
@@ -91,6 +91,15 @@ impl BlockModel for AnyModel {
     }
     fn supports_kv_cache(&self) -> bool {
         delegate!(self, m => m.supports_kv_cache())
+    }
+    fn supports_explicit_backward(&self, dtype: candle_core::DType, device: &candle_core::Device) -> bool {
+        delegate!(self, m => m.supports_explicit_backward(dtype, device))
+    }
+    fn block_forward_train(&self, index: usize, params: &[Tensor], carry: &Carry) -> Result<(Carry, BlockTape)> {
+        delegate!(self, m => m.block_forward_train(index, params, carry))
+    }
+    fn block_backward(&self, index: usize, params: &[Tensor], tape: BlockTape, upstream: &Carry) -> Result<(Carry, Vec<Tensor>)> {
+        delegate!(self, m => m.block_backward(index, params, tape, upstream))
     }
     fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         delegate!(self, m => m.forward_cached(params, ids, cache))

@@ -47,6 +47,10 @@ impl UnitSpec {
 /// streams, such as DiT conditioning, need no special case).
 pub type Carry = Vec<Tensor>;
 
+/// What a model's explicit block backward keeps from the forward (activations, softmax
+/// probabilities): opaque to the engine, handed back to [`BlockModel::block_backward`].
+pub type BlockTape = Box<dyn std::any::Any + Send>;
+
 /// A model split into a root unit and `num_blocks()` block units. Parameter tensors are passed in
 /// the order of the unit's `ParamSpec`s, in the compute dtype.
 pub trait BlockModel: Send + Sync {
@@ -62,6 +66,28 @@ pub trait BlockModel: Send + Sync {
     /// Summed next-token cross-entropy over counted targets divided by `divisor` (or by the number
     /// of counted targets when `None`), from the last carry.
     fn head_loss(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<Tensor>;
+
+    /// Whether [`BlockModel::block_forward_train`] and [`BlockModel::block_backward`] handle blocks
+    /// computed in `dtype` on `device`. The engine then runs blocks without candle's autograd:
+    /// llm.c's approach, which skips the zero-filled gradient and the add that candle's backward
+    /// spends on every graph edge. Otherwise it differentiates `block` with autograd.
+    fn supports_explicit_backward(&self, dtype: DType, device: &candle_core::Device) -> bool {
+        let _ = (dtype, device);
+        false
+    }
+
+    /// Block `index` on detached tensors, returning its output and what its backward needs.
+    fn block_forward_train(&self, index: usize, params: &[Tensor], carry: &Carry) -> Result<(Carry, BlockTape)> {
+        let _ = (index, params, carry);
+        bail!("no explicit backward for this model")
+    }
+
+    /// Gradients of block `index`'s input carry and of each of its parameters (in `ParamSpec`
+    /// order) for `upstream`, the gradient of its output, from the forward's tape.
+    fn block_backward(&self, index: usize, params: &[Tensor], tape: BlockTape, upstream: &Carry) -> Result<(Carry, Vec<Tensor>)> {
+        let _ = (index, params, tape, upstream);
+        bail!("no explicit backward for this model")
+    }
 
     /// Whether `forward_cached` is implemented (callers fall back to full forwards otherwise).
     fn supports_kv_cache(&self) -> bool {

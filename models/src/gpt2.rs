@@ -7,7 +7,7 @@ use candle_core::{bail, DType, Result, Tensor, D};
 use kernels::WeightLayout;
 use serde::{Deserialize, Serialize};
 
-use crate::block_model::{cached_attention, BlockModel, Carry, Init, KvCache, ParamSpec, UnitSpec};
+use crate::block_model::{cached_attention, BlockModel, BlockTape, Carry, Init, KvCache, ParamSpec, UnitSpec};
 
 /// GPT-2 hyper-parameters (the fields of Hugging Face's GPT2Config that matter for the math).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,24 +154,17 @@ impl Gpt2 {
         tok.broadcast_add(&pos)
     }
 
-    /// One block on x (B, T, C), with `attend` mapping q, k, v (B, H, T, D) to the attention
-    /// output: the fused causal kernel for training, the KV-cached attention for sampling (one
-    /// block body for both, so that the two paths cannot drift apart).
-    fn block_with(&self, index: usize, p: &[Tensor], x: &Tensor, attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    /// One block on x (B, T, C), with `attend` mapping the fused projection qkv (B, T, 3C) to the
+    /// merged heads (B, T, C): the fused causal kernel for training, the KV-cached attention for
+    /// sampling (one block body for both, so that the two paths cannot drift apart).
+    fn block_with(&self, index: usize, p: &[Tensor], x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         Self::check_count(&format!("block {index}"), p, 12)?;
-        let (b, t, c) = x.dims3()?;
-        let nh = self.config.n_head;
-        let hd = c / nh;
         let eps = self.config.layer_norm_eps;
 
         // Attention: x + c_proj(attn(ln_1(x)))
         let h = kernels::layer_norm(x, &p[LN1_W], &p[LN1_B], eps)?;
         let qkv = conv1d(&h, &p[ATTN_W], &p[ATTN_B])?; // (B, T, 3C)
-        let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
-        };
-        let y = attend(&heads(0)?, &heads(1)?, &heads(2)?)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?; // (B, T, C)
+        let y = attend(&qkv)?; // (B, T, C)
         let x = (x + conv1d(&y, &p[ATTN_PROJ_W], &p[ATTN_PROJ_B])?)?;
 
         // MLP: x + c_proj(gelu(c_fc(ln_2(x))))
@@ -184,6 +177,18 @@ impl Gpt2 {
         // lm_head is tied to wte (V, C): logits = x @ wte^T.
         kernels::linear(x, &root[WTE], None, WeightLayout::OutIn)
     }
+}
+
+/// The activations a block's explicit backward reads (llm.c keeps the same set).
+struct Gpt2Tape {
+    x: Tensor,
+    ln1: Tensor,
+    attention: kernels::self_attention::AttentionTape,
+    att: Tensor,
+    x2: Tensor,
+    ln2: Tensor,
+    fc: Tensor,
+    act: Tensor,
 }
 
 /// y = x @ w + b for x (B, T, In), w (In, Out) as GPT-2's Conv1D.
@@ -218,7 +223,8 @@ impl BlockModel for Gpt2 {
 
     fn block(&self, index: usize, p: &[Tensor], carry: &Carry) -> Result<Carry> {
         let x = Self::single(carry, "block")?;
-        Ok(vec![self.block_with(index, p, x, kernels::causal_attention)?])
+        let n_head = self.config.n_head;
+        Ok(vec![self.block_with(index, p, x, |qkv| kernels::causal_self_attention(qkv, n_head))?])
     }
 
     fn logits(&self, root: &[Tensor], carry: &Carry) -> Result<Tensor> {
@@ -238,6 +244,57 @@ impl BlockModel for Gpt2 {
         true
     }
 
+    fn supports_explicit_backward(&self, dtype: DType, device: &candle_core::Device) -> bool {
+        dtype == DType::F32 && device.is_cpu()
+    }
+
+    fn block_forward_train(&self, index: usize, p: &[Tensor], carry: &Carry) -> Result<(Carry, BlockTape)> {
+        Self::check_count(&format!("block {index}"), p, 12)?;
+        let x = Self::single(carry, "block")?.detach();
+        let eps = self.config.layer_norm_eps;
+        let ln1 = kernels::layer_norm(&x, &p[LN1_W], &p[LN1_B], eps)?;
+        let qkv = conv1d(&ln1, &p[ATTN_W], &p[ATTN_B])?;
+        let (att, attention) = kernels::self_attention::causal_self_attention_train(&qkv, self.config.n_head)?;
+        drop(qkv); // the attention tape holds it
+        let x2 = (&x + conv1d(&att, &p[ATTN_PROJ_W], &p[ATTN_PROJ_B])?)?;
+        let ln2 = kernels::layer_norm(&x2, &p[LN2_W], &p[LN2_B], eps)?;
+        let fc = conv1d(&ln2, &p[FC_W], &p[FC_B])?;
+        let act = kernels::gelu(&fc)?;
+        let out = (&x2 + conv1d(&act, &p[FC_PROJ_W], &p[FC_PROJ_B])?)?;
+        Ok((vec![out], Box::new(Gpt2Tape { x, ln1, attention, att, x2, ln2, fc, act })))
+    }
+
+    fn block_backward(&self, index: usize, p: &[Tensor], tape: BlockTape, upstream: &Carry) -> Result<(Carry, Vec<Tensor>)> {
+        use kernels::backward::{gelu_backward, layer_norm_backward};
+        use kernels::linear::linear_backward;
+        Self::check_count(&format!("block {index}"), p, 12)?;
+        let Ok(tape) = tape.downcast::<Gpt2Tape>() else { bail!("gpt2 block {index} backward: tape from another model") };
+        let Gpt2Tape { x, ln1, attention, att, x2, ln2, fc, act } = *tape;
+        let dout = Self::single(upstream, "block backward")?;
+        let eps = self.config.layer_norm_eps;
+        let lin = |input: &Tensor, w: usize, dy: &Tensor| linear_backward(input, &p[w], true, dy, WeightLayout::InOut);
+        let missing = || candle_core::Error::Msg(format!("gpt2 block {index}: linear backward gave no bias gradient"));
+
+        // MLP: out = x2 + c_proj(gelu(c_fc(ln_2(x2))))
+        let (dact, d_fc_proj_w, d_fc_proj_b) = lin(&act, FC_PROJ_W, dout)?;
+        let dfc = gelu_backward(&fc, &dact)?;
+        let (dln2, d_fc_w, d_fc_b) = lin(&ln2, FC_W, &dfc)?;
+        let (dx2_norm, d_ln2_w, d_ln2_b) = layer_norm_backward(&x2, &p[LN2_W], &p[LN2_B], eps, &dln2)?;
+        let dx2 = (dout + dx2_norm)?;
+        // Attention: x2 = x + c_proj(attn(ln_1(x)))
+        let (datt, d_proj_w, d_proj_b) = lin(&att, ATTN_PROJ_W, &dx2)?;
+        let dqkv = kernels::self_attention::causal_self_attention_backward(attention, &datt)?;
+        let (dln1, d_attn_w, d_attn_b) = lin(&ln1, ATTN_W, &dqkv)?;
+        let (dx_norm, d_ln1_w, d_ln1_b) = layer_norm_backward(&x, &p[LN1_W], &p[LN1_B], eps, &dln1)?;
+        let dx = (dx2 + dx_norm)?;
+        // In ParamSpec order (LN1_W .. FC_PROJ_B).
+        let grads = vec![
+            d_ln1_w, d_ln1_b, d_attn_w, d_attn_b.ok_or_else(missing)?, d_proj_w, d_proj_b.ok_or_else(missing)?,
+            d_ln2_w, d_ln2_b, d_fc_w, d_fc_b.ok_or_else(missing)?, d_fc_proj_w, d_fc_proj_b.ok_or_else(missing)?,
+        ];
+        Ok((vec![dx], grads))
+    }
+
     fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         if params.len() != self.config.n_layer + 1 {
             bail!("gpt2 forward_cached: expected {} units' parameters, got {}", self.config.n_layer + 1, params.len());
@@ -245,9 +302,15 @@ impl BlockModel for Gpt2 {
         // Learned positions: the new tokens take wpe rows t0.. after the cached ones.
         let mut x = self.embed_at(&params[0], ids, cache.len())?;
         for (i, p) in params[1..].iter().enumerate() {
-            x = self.block_with(i, p, &x, |q, k, v| {
-                let (k, v) = cache.append(i, k, v)?;
-                cached_attention(q, &k, &v)
+            x = self.block_with(i, p, &x, |qkv| {
+                let (b, t, c3) = qkv.dims3()?;
+                let (c, nh) = (c3 / 3, self.config.n_head);
+                let heads = |i: usize| -> Result<Tensor> {
+                    qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, nh, c / nh))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
+                };
+                let (k, v) = cache.append(i, &heads(1)?, &heads(2)?)?;
+                let y = cached_attention(&heads(0)?, &k, &v)?; // (B, H, T, D)
+                y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))
             })?;
         }
         self.logits(&params[0], &vec![x])

@@ -118,8 +118,17 @@ pub struct Engine<M: BlockModel, C: Comm> {
 struct SavedBlock {
     /// Leaf copies of the block's input carry.
     inputs: Vec<Var>,
-    /// Without recompute: the outputs (with their graph) and the parameters used.
-    kept: Option<(Carry, Vec<Var>)>,
+    kept: Kept,
+}
+
+/// What a block keeps between its forward and its backward.
+enum Kept {
+    /// Recompute: nothing (the parameters are gathered and the block re-run in the backward).
+    Nothing,
+    /// Autograd: the outputs (with their graph) and the parameters used.
+    Graph(Carry, Vec<Var>),
+    /// Explicit backward: the model's tape and the parameters used.
+    Tape(models::block_model::BlockTape, Vec<Var>),
 }
 
 fn dtype_bytes(dtype: DType) -> usize {
@@ -399,14 +408,23 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// Add a unit's parameter gradients into its full gradient buffer (stages 0-1) or into `full`,
     /// a temporary full buffer that is reduce-scattered into the shard (stages 2-3).
     fn take_grads(&mut self, unit: usize, params: &[Var], grads: &candle_core::backprop::GradStore, full: Option<&mut Vec<f32>>) -> Result<()> {
+        let list: Vec<Option<Tensor>> = params.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+        self.take_grad_list(unit, &list, full)
+    }
+
+    /// `take_grads` for gradients listed in parameter order (None: no gradient reached it).
+    fn take_grad_list(&mut self, unit: usize, grads: &[Option<Tensor>], full: Option<&mut Vec<f32>>) -> Result<()> {
         let grad_dtype = self.options.grad_dtype;
         let u = &mut self.units[unit];
         if full.is_none() && u.grad_range.len() != u.layout.padded_numel {
             bail!("unit {}: a sharded gradient needs a full buffer to reduce-scatter from", u.layout.unit);
         }
+        if grads.len() != u.layout.params.len() {
+            bail!("unit {}: {} gradients for {} parameters", u.layout.unit, grads.len(), u.layout.params.len());
+        }
         let mut full = full;
-        for (slot, var) in u.layout.params.iter().zip(params) {
-            if let Some(g) = grads.get(var.as_tensor()) {
+        for (slot, g) in u.layout.params.iter().zip(grads) {
+            if let Some(g) = g {
                 let target = match full.as_deref_mut() {
                     Some(buf) => Target::Temp(buf, grad_dtype),
                     None => Target::Buf(&mut u.grad),
@@ -415,6 +433,17 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             }
         }
         Ok(())
+    }
+
+    /// Block `i`'s parameter gradients into its buffer, or reduce-scattered into its shard.
+    fn store_block_grads(&mut self, i: usize, grads: &[Option<Tensor>]) -> Result<()> {
+        if self.options.stage.shards(Buffer::Grads) {
+            let mut full = vec![0f32; self.units[i + 1].layout.padded_numel];
+            self.take_grad_list(i + 1, grads, Some(&mut full))?;
+            self.scatter_into_shard(i + 1, &full)
+        } else {
+            self.take_grad_list(i + 1, grads, None)
+        }
     }
 
     /// Reduce-scatter a full unit gradient into this rank's gradient shard (stages 2-3).
@@ -434,6 +463,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let shard_params = self.options.stage.shards(Buffer::Params);
         let shard_grads = self.options.stage.shards(Buffer::Grads);
         let recompute = self.options.recompute;
+        let explicit = self.model.supports_explicit_backward(self.options.compute_dtype, &self.device);
 
         // Forward. The root stays gathered for the whole micro-step.
         let root = self.unit_params(0)?;
@@ -461,11 +491,16 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                 if shard_params {
                     self.release(i + 1);
                 }
-                (output, None)
+                (output, Kept::Nothing)
+            } else if explicit {
+                let detached: Vec<Tensor> = params.iter().map(|v| v.as_detached_tensor()).collect();
+                let input_detached: Carry = input.iter().map(|t| t.detach()).collect();
+                let (output, tape) = self.model.block_forward_train(i, &detached, &input_detached)?;
+                (output, Kept::Tape(tape, params))
             } else {
                 let tensors: Vec<Tensor> = params.iter().map(|v| v.as_tensor().clone()).collect();
                 let output = self.model.block(i, &tensors, &input)?;
-                (output.clone(), Some((output, params)))
+                (output.clone(), Kept::Graph(output, params))
             };
             let next = output.iter().map(|t| Var::from_tensor(&t.detach())).collect::<Result<_>>()?;
             saved.push(SavedBlock { inputs: std::mem::replace(&mut carry, next), kept });
@@ -485,9 +520,8 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let mut prefetch = if shard_params && recompute && n_blocks > 0 { Some(self.gather_async(n_blocks)?) } else { None };
         for i in (0..n_blocks).rev() {
             let block = saved.pop().ok_or_else(|| cerr(format!("missing forward record of block {i}")))?;
-            let (output, params, inputs) = match block.kept {
-                Some((output, params)) => (output, params, block.inputs),
-                None => {
+            let kept = match block.kept {
+                Kept::Nothing => {
                     let params = match prefetch.take() {
                         Some(p) => {
                             let vars = self.finish_gather(i + 1, p)?;
@@ -498,23 +532,42 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                         }
                         None => self.unit_params(i + 1)?,
                     };
-                    let inputs: Vec<Var> = block.inputs.iter().map(|v| Var::from_tensor(&v.as_detached_tensor())).collect::<Result<_>>()?;
-                    let tensors: Vec<Tensor> = params.iter().map(|v| v.as_tensor().clone()).collect();
-                    let input: Carry = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-                    (self.model.block(i, &tensors, &input)?, params, inputs)
+                    if explicit {
+                        let detached: Vec<Tensor> = params.iter().map(|v| v.as_detached_tensor()).collect();
+                        let input: Carry = block.inputs.iter().map(|v| v.as_detached_tensor()).collect();
+                        Kept::Tape(self.model.block_forward_train(i, &detached, &input)?.1, params)
+                    } else {
+                        let inputs: Vec<Var> = block.inputs.iter().map(|v| Var::from_tensor(&v.as_detached_tensor())).collect::<Result<_>>()?;
+                        let tensors: Vec<Tensor> = params.iter().map(|v| v.as_tensor().clone()).collect();
+                        let input: Carry = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+                        let output = self.model.block(i, &tensors, &input)?;
+                        let grads = vjp(&output, &upstream)?.backward()?;
+                        upstream = upstream_of(&grads, &inputs)?;
+                        let list: Vec<Option<Tensor>> = params.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+                        self.store_block_grads(i, &list)?;
+                        if shard_params {
+                            self.release(i + 1);
+                        }
+                        continue;
+                    }
                 }
+                other => other,
             };
-            let grads = vjp(&output, &upstream)?.backward()?;
-            upstream = upstream_of(&grads, &inputs)?;
-            if shard_grads {
-                let mut full = vec![0f32; self.units[i + 1].layout.padded_numel];
-                self.take_grads(i + 1, &params, &grads, Some(&mut full))?;
-                drop((grads, output, params));
-                self.scatter_into_shard(i + 1, &full)?;
-            } else {
-                self.take_grads(i + 1, &params, &grads, None)?;
-                drop((grads, output, params));
-            }
+            let list: Vec<Option<Tensor>> = match kept {
+                Kept::Graph(output, params) => {
+                    let grads = vjp(&output, &upstream)?.backward()?;
+                    upstream = upstream_of(&grads, &block.inputs)?;
+                    params.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect()
+                }
+                Kept::Tape(tape, params) => {
+                    let detached: Vec<Tensor> = params.iter().map(|v| v.as_detached_tensor()).collect();
+                    let (dinput, dparams) = self.model.block_backward(i, &detached, tape, &upstream)?;
+                    upstream = dinput;
+                    dparams.into_iter().map(Some).collect()
+                }
+                Kept::Nothing => unreachable!("recompute handled above"),
+            };
+            self.store_block_grads(i, &list)?;
             if shard_params {
                 self.release(i + 1);
             }
