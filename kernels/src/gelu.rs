@@ -6,11 +6,19 @@
 //! recording a graph node. The kernels evaluate `0.5 (1 + tanh u)` as `sigmoid(2u)` with a
 //! vectorizable exp, and the backward recomputes it from `x` (llm.c's `gelu_backward`) so that
 //! nothing but `x` has to be kept. `gelu_reference` is the spec, built from differentiable candle ops.
+//!
+//! With the `cuda` feature both passes also run on CUDA tensors (`src/cuda/gelu.cu`, same formulas):
+//! the backward is its own `CustomOp2` (`GeluBackward`, applied without a graph node), so `bwd` is
+//! the same code on every device.
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat};
 use crate::util::exp_f32;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// sqrt(2 / pi).
@@ -19,7 +27,8 @@ const COEFF: f32 = 0.044_715;
 /// Elements per rayon task: a few ns each, so 16K elements amortize scheduling well.
 const TASK_ELEMS: usize = 16 * 1024;
 
-/// GELU (tanh approximation) of `x`, f32, bf16 or f16 (arithmetic in f32). Differentiable; CPU only.
+/// GELU (tanh approximation) of `x`, f32, bf16 or f16 (arithmetic in f32). Differentiable; CPU, and
+/// CUDA with the `cuda` feature.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     // The kernel walks the buffer linearly, so strided views are copied first (differentiably).
     x.contiguous()?.apply_op1(Gelu)
@@ -63,38 +72,84 @@ impl CustomOp1 for Gelu {
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?;
-        let dev = candle_core::Device::Cpu;
-        let n = x.elem_count();
-        let dx = {
-            let (xs, xl) = x.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
-                bail!(
-                    "gelu backward: only CPU tensors are supported, x is on {:?}",
-                    x.device().location()
-                )
-            };
-            let op = "gelu backward";
-            match (xs, gs) {
-                (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
-                }
-                (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
-                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
-                }
-                (CpuStorage::F16(x), CpuStorage::F16(g)) => {
-                    Tensor::from_vec(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?), n, &dev)?
-                }
-                _ => bail!(
-                    "gelu backward: unsupported dtypes x {:?}, grad {:?} (expected both f32, bf16 or f16)",
-                    xs.dtype(),
-                    gs.dtype()
-                ),
-            }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaFloat>(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+            let x = cuda::view::<T>(s, l, "gelu")?;
+            let name = format!("gelu_fwd_{}", T::SUFFIX);
+            cuda::launch_elementwise(s.device(), cuda::GELU, &name, &[&x], x.len())
+        }
+        let out = match s.dtype() {
+            DType::F32 => run::<f32>(s, l)?,
+            DType::BF16 => run::<half::bf16>(s, l)?,
+            DType::F16 => run::<half::f16>(s, l)?,
+            other => bail!("gelu: unsupported dtype {other:?} (expected f32, bf16 or f16)"),
         };
-        Ok(Some(dx.reshape(x.shape())?))
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // `x` is the op's (contiguous) input; the backward op runs on whatever device it is on.
+        let grad = grad_res.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&grad, &GeluBackward)?))
+    }
+}
+
+/// `dx = dy * gelu'(x)`, elementwise: the backward pass as an op of its own, with a CPU and a CUDA
+/// forward (no graph node: `bwd` output is detached anyway).
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = "gelu backward";
+        if xl.shape() != gl.shape() {
+            bail!("{op}: x {:?} and grad {:?} differ in shape", xl.shape(), gl.shape());
+        }
+        let dx = match (xs, gs) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => {
+                CpuStorage::F16(backward(contiguous_slice(x, xl, op)?, contiguous_slice(g, gl, op)?))
+            }
+            _ => bail!(
+                "{op}: unsupported dtypes x {:?}, grad {:?} (expected both f32, bf16 or f16)",
+                xs.dtype(),
+                gs.dtype()
+            ),
+        };
+        Ok((dx, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let op = "gelu backward";
+        if xl.shape() != gl.shape() {
+            bail!("{op}: x {:?} and grad {:?} differ in shape", xl.shape(), gl.shape());
+        }
+        if xs.dtype() != gs.dtype() {
+            bail!("{op}: unsupported dtypes x {:?}, grad {:?} (expected both f32, bf16 or f16)", xs.dtype(), gs.dtype());
+        }
+        fn run<T: CudaFloat>(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
+            let op = "gelu backward";
+            let (x, dy) = (cuda::view::<T>(xs, xl, op)?, cuda::view::<T>(gs, gl, op)?);
+            let name = format!("gelu_bwd_{}", T::SUFFIX);
+            cuda::launch_elementwise(xs.device(), cuda::GELU, &name, &[&x, &dy], x.len())
+        }
+        let dx = match xs.dtype() {
+            DType::F32 => run::<f32>(xs, xl, gs, gl)?,
+            DType::BF16 => run::<half::bf16>(xs, xl, gs, gl)?,
+            DType::F16 => run::<half::f16>(xs, xl, gs, gl)?,
+            other => bail!("{op}: unsupported dtypes x {other:?}, grad {other:?} (expected both f32, bf16 or f16)"),
+        };
+        Ok((dx, xl.shape().clone()))
     }
 }
 

@@ -9,13 +9,19 @@
 //! Tests in `kernels/tests/` compare forward and every gradient with the reference in f32 and bf16
 //! at odd sizes, and check each reference once against finite differences.
 //!
+//! With the `cuda` feature, ops with a `cuda_fwd` (see `cuda`) run on CUDA tensors too: so far `gelu`,
+//! `adamw_step_tensors` and `cast_scaled`.
+//!
 //! Ops: `layer_norm`, `gelu` (tanh), `causal_softmax`, `causal_attention`, `cross_entropy`
 //! (GPT-2); `rms_norm`, `rope` (+ `rope_tables`), `swiglu` (Llama); and the `adamw_step` update.
 
 pub mod adamw;
 pub mod attention;
 pub mod backward;
+pub mod cast;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gelu;
 pub mod gemm;
 pub mod layer_norm;
@@ -27,8 +33,11 @@ pub mod swiglu;
 pub mod testing;
 mod util;
 
-pub use adamw::{adamw_step, adamw_step_reference, AdamWHyper};
+pub use adamw::{adamw_step, adamw_step_reference, adamw_step_tensors, AdamWHyper};
+#[cfg(feature = "cuda")]
+pub use adamw::adamw_step_cuda;
 pub use attention::{causal_attention, causal_attention_reference, causal_softmax, causal_softmax_reference};
+pub use cast::{cast_scaled, cast_scaled_reference};
 pub use cross_entropy::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 pub use gelu::{gelu, gelu_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};

@@ -2,7 +2,36 @@
 //! named tolerances, a closeness check that reports the worst element, and central finite
 //! differences to check each `_reference` once.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The devices the op tests run on: the CPU, plus CUDA device 0 when the crate is built with the
+/// `cuda` feature and a GPU opens (without one, the CUDA half of the tests is skipped, not failed:
+/// CI builds the `cuda` variant without a GPU). The CUDA device is opened once per test binary.
+/// `ZC_TEST_CUDA=require` turns a missing GPU into a panic, for runs on a GPU machine.
+pub fn test_devices() -> Vec<Device> {
+    #[allow(unused_mut)]
+    let mut devices = vec![Device::Cpu];
+    #[cfg(feature = "cuda")]
+    {
+        static CUDA: std::sync::OnceLock<Option<Device>> = std::sync::OnceLock::new();
+        let cuda = CUDA.get_or_init(|| match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                if std::env::var("ZC_TEST_CUDA").as_deref() == Ok("require") {
+                    panic!("ZC_TEST_CUDA=require but CUDA device 0 does not open: {e}");
+                }
+                eprintln!("test_devices: no CUDA device ({e}); testing on the CPU only");
+                None
+            }
+        });
+        devices.extend(cuda.clone());
+    }
+    #[cfg(not(feature = "cuda"))]
+    if std::env::var("ZC_TEST_CUDA").as_deref() == Ok("require") {
+        panic!("ZC_TEST_CUDA=require but kernels was built without the `cuda` feature");
+    }
+    devices
+}
 
 /// Tolerances for comparing a fast path with its f32 reference.
 #[derive(Debug, Clone, Copy)]

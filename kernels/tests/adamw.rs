@@ -1,10 +1,13 @@
 //! Tests for `kernels::adamw_step`: the fused in-place step against the candle-tensor reference over
 //! consecutive steps (weight decay and a gradient scale on), a hand-computed first step, decoupled
-//! weight decay, PyTorch defaults, argument errors, and an ignored bandwidth measurement.
+//! weight decay, PyTorch defaults, argument errors, and an ignored bandwidth measurement; then
+//! `adamw_step_tensors` on every device of `kernels::testing::test_devices()` (the CPU, and CUDA with
+//! `--features cuda` on a GPU machine) with f32, bf16 and f16 gradients: the same bits as
+//! `adamw_step` on the CPU.
 
-use candle_core::{Device, Tensor};
-use kernels::testing::{assert_close, Tolerance, F32_TOL};
-use kernels::{adamw_step, adamw_step_reference, AdamWHyper};
+use candle_core::{DType, Device, Tensor};
+use kernels::testing::{assert_close, test_devices, Tolerance, F32_TOL};
+use kernels::{adamw_step, adamw_step_reference, adamw_step_tensors, AdamWHyper};
 
 /// Reproducible uniform values in [offset - scale, offset + scale) (splitmix64).
 fn pseudo_random(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
@@ -156,6 +159,85 @@ fn adamw_rejects_step_zero_and_mismatched_lengths() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("grad 3"), "{err}");
+}
+
+/// The five-step run of `adamw_fast_matches_reference_over_five_steps` through `adamw_step_tensors` on
+/// each device and gradient dtype: bitwise equal to `adamw_step` on the CPU slices (same rounding of
+/// every operation), and so close to the reference.
+#[test]
+fn adamw_tensors_match_the_cpu_step_bitwise_on_every_device() {
+    let hp = AdamWHyper {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let grad_scale = 0.37;
+    for dev in test_devices() {
+        for grad_dtype in [DType::F32, DType::BF16, DType::F16] {
+            for n in [1, 1001, 100_003] {
+                let what = |step: u64, x: &str| format!("adamw_step_tensors {:?} grad {grad_dtype:?} n={n} step={step} {x}", dev.location());
+                let mut p = pseudo_random(n, 1, 1.0, 0.2);
+                let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+                let tp = Tensor::new(p.as_slice(), &dev).unwrap();
+                let tm = Tensor::zeros(n, DType::F32, &dev).unwrap();
+                let tv = Tensor::zeros(n, DType::F32, &dev).unwrap();
+                let (mut rp, mut rm, mut rv) = (t(&p), t(&m), t(&v));
+                for step in 1..=5u64 {
+                    let mut g = pseudo_random(n, 100 + step, 3.0, 0.0);
+                    for (i, gi) in g.iter_mut().enumerate() {
+                        *gi *= [1.0, 1e-3, 0.0, 10.0][i % 4];
+                    }
+                    // The gradient as the step sees it: rounded to its dtype, then widened.
+                    let tg = t(&g).to_dtype(grad_dtype).unwrap();
+                    let g: Vec<f32> = tg.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                    adamw_step_tensors(&tp, &tg.to_device(&dev).unwrap(), &tm, &tv, &hp, step, grad_scale).unwrap();
+                    adamw_step(&mut p, &g, &mut m, &mut v, &hp, step, grad_scale).unwrap();
+                    (rp, rm, rv) = adamw_step_reference(&rp, &t(&g), &rm, &rv, &hp, step, grad_scale).unwrap();
+                    for (name, got, cpu, reference) in [("param", &tp, &p, &rp), ("exp_avg", &tm, &m, &rm), ("exp_avg_sq", &tv, &v, &rv)] {
+                        let got: Vec<f32> = got.to_vec1().unwrap();
+                        if let Some(i) = (0..n).find(|&i| got[i].to_bits() != cpu[i].to_bits()) {
+                            panic!("{}: element {i} is {}, adamw_step gives {}", what(step, name), got[i], cpu[i]);
+                        }
+                        assert_close(&t(&got), reference, F32_TOL, &what(step, name));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_tensors_reject_bad_arguments() {
+    let hp = AdamWHyper::default();
+    for dev in test_devices() {
+        let z = |n: usize| Tensor::zeros(n, DType::F32, &dev).unwrap();
+        let (p, g, m, v) = (z(8), z(8), z(8), z(8));
+        let err = adamw_step_tensors(&p, &g, &m, &v, &hp, 0, 1.0).unwrap_err().to_string();
+        assert!(err.contains("step"), "{err}");
+        let err = adamw_step_tensors(&p, &z(7), &m, &v, &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("grad 7"), "{err}");
+        let err = adamw_step_tensors(&p, &g, &m.to_dtype(DType::BF16).unwrap(), &v, &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("exp_avg must be a contiguous f32"), "{err}");
+        let err = adamw_step_tensors(&p, &g.to_dtype(DType::F64).unwrap(), &m, &v, &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("grad must be f32, bf16 or f16"), "{err}");
+        // Shared storage would deadlock on the storage locks: it is rejected, nothing is written.
+        let both = z(16);
+        let (lo, hi) = (both.narrow(0, 0, 8).unwrap(), both.narrow(0, 8, 8).unwrap());
+        let ones = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let err = adamw_step_tensors(&p, &ones, &lo, &hi, &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("exp_avg and exp_avg_sq must not share storage"), "{err}");
+        let err = adamw_step_tensors(&p, &p, &m, &v, &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("param and grad must not share storage"), "{err}");
+        assert_eq!(both.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+    if test_devices().len() > 1 {
+        let cpu = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let gpu = Tensor::zeros(4, DType::F32, &test_devices()[1]).unwrap();
+        let err = adamw_step_tensors(&cpu, &gpu, &cpu.copy().unwrap(), &cpu.copy().unwrap(), &hp, 1, 1.0).unwrap_err().to_string();
+        assert!(err.contains("grad is on"), "{err}");
+    }
 }
 
 /// `cargo test --release -p kernels --test adamw -- --ignored --nocapture`

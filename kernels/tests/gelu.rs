@@ -1,11 +1,13 @@
 //! Tests for `kernels::gelu` (tanh approximation): the reference against known values and central
 //! finite differences (f64), then the fused CustomOp's forward and gradient against the reference in
 //! f32, bf16 and f16 at odd sizes (including one that spans several rayon tasks with a ragged last
-//! one), a strided input, and an ignored timing.
+//! one), a strided input, and an ignored timing. The fast-path tests run on every device of
+//! `kernels::testing::test_devices()` (the CPU, and CUDA with `--features cuda` on a GPU machine),
+//! always against the CPU reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kernels::testing::{
-    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+    assert_close, closeness, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL,
 };
 use kernels::{gelu, gelu_reference};
 
@@ -24,28 +26,34 @@ fn forward_and_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor, g: &Tenso
     [y, grads.get(&xv).expect("missing gradient").clone()]
 }
 
-/// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
+/// Fast path in `dtype` on every test device against the f32 CPU reference on the same (rounded)
+/// inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
-        .iter()
-        .enumerate()
-    {
-        // Range +-6 covers both saturated tails and the curved middle.
-        let x = pseudo_random(dims, 10 * i as u64, 6.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let fast = forward_and_grad(&gelu, &x, &g);
-        let (x32, g32) = (
-            x.to_dtype(DType::F32).unwrap(),
-            g.to_dtype(DType::F32).unwrap(),
-        );
-        let reference = forward_and_grad(&gelu_reference, &x32, &g32);
-        for (name, (a, e)) in ["y", "dx"].iter().zip(fast.iter().zip(&reference)) {
-            assert_eq!(a.dtype(), dtype, "{name} dtype");
-            assert_close(a, e, tol, &format!("gelu {name} {dtype:?} {dims:?}"));
+    for dev in test_devices() {
+        for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
+            .iter()
+            .enumerate()
+        {
+            // Range +-6 covers both saturated tails and the curved middle.
+            let x = pseudo_random(dims, 10 * i as u64, 6.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let (xd, gd) = (x.to_device(&dev).unwrap(), g.to_device(&dev).unwrap());
+            let fast = forward_and_grad(&gelu, &xd, &gd);
+            let (x32, g32) = (
+                x.to_dtype(DType::F32).unwrap(),
+                g.to_dtype(DType::F32).unwrap(),
+            );
+            let reference = forward_and_grad(&gelu_reference, &x32, &g32);
+            for (name, (a, e)) in ["y", "dx"].iter().zip(fast.iter().zip(&reference)) {
+                assert_eq!(a.dtype(), dtype, "{name} dtype");
+                assert!(a.device().same_device(&dev), "{name} on {:?}", a.device().location());
+                let a = a.to_device(&Device::Cpu).unwrap();
+                assert_close(&a, e, tol, &format!("gelu {name} {dtype:?} {dims:?} on {:?}", dev.location()));
+            }
         }
     }
 }
@@ -139,30 +147,39 @@ fn gelu_accepts_strided_input() {
     let g = pseudo_random(&[37, 77], 4, 1.0)
         .to_dtype(DType::F32)
         .unwrap();
-    let fast = forward_and_grad(&|x: &Tensor| gelu(&x.t()?), &x, &g);
     let reference = forward_and_grad(&|x: &Tensor| gelu_reference(&x.t()?), &x, &g);
-    assert_eq!(fast[1].dims(), [77, 37]);
-    assert_close(&fast[0], &reference[0], F32_TOL, "strided gelu y");
-    assert_close(&fast[1], &reference[1], F32_TOL, "strided gelu dx");
+    for dev in test_devices() {
+        let (xd, gd) = (x.to_device(&dev).unwrap(), g.to_device(&dev).unwrap());
+        let fast = forward_and_grad(&|x: &Tensor| gelu(&x.t()?), &xd, &gd);
+        assert_eq!(fast[1].dims(), [77, 37]);
+        let on = format!("on {:?}", dev.location());
+        assert_close(&fast[0].to_device(&Device::Cpu).unwrap(), &reference[0], F32_TOL, &format!("strided gelu y {on}"));
+        assert_close(&fast[1].to_device(&Device::Cpu).unwrap(), &reference[1], F32_TOL, &format!("strided gelu dx {on}"));
+    }
 }
 
 #[test]
 fn gelu_saturates_without_nan_for_large_inputs() {
     // The kernel's exp is clamped: far tails must give exactly x (or 0) and slope 1 (or 0).
-    let x = Tensor::new(&[-1e4f32, -50.0, -12.0, 12.0, 50.0, 1e4], &Device::Cpu).unwrap();
-    let g = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
-    let [y, dx] = forward_and_grad(&gelu, &x, &g);
-    let expected_y = Tensor::new(&[0f32, 0.0, 0.0, 12.0, 50.0, 1e4], &Device::Cpu).unwrap();
-    let expected_dx = Tensor::new(&[0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
-    assert_close(&y, &expected_y, F32_TOL, "gelu tails");
-    assert_close(&dx, &expected_dx, F32_TOL, "gelu slope in the tails");
+    for dev in test_devices() {
+        let x = Tensor::new(&[-1e4f32, -50.0, -12.0, 12.0, 50.0, 1e4], &dev).unwrap();
+        let g = Tensor::ones(6, DType::F32, &dev).unwrap();
+        let [y, dx] = forward_and_grad(&gelu, &x, &g);
+        let expected_y = Tensor::new(&[0f32, 0.0, 0.0, 12.0, 50.0, 1e4], &Device::Cpu).unwrap();
+        let expected_dx = Tensor::new(&[0f32, 0.0, 0.0, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
+        let on = format!("on {:?}", dev.location());
+        assert_close(&y.to_device(&Device::Cpu).unwrap(), &expected_y, F32_TOL, &format!("gelu tails {on}"));
+        assert_close(&dx.to_device(&Device::Cpu).unwrap(), &expected_dx, F32_TOL, &format!("gelu slope in the tails {on}"));
+    }
 }
 
 #[test]
 fn gelu_rejects_unsupported_dtype() {
-    let x = pseudo_random(&[4], 5, 1.0); // f64: the fast path covers f32/bf16/f16 only
-    let err = gelu(&x).unwrap_err().to_string();
-    assert!(err.contains("gelu") && err.contains("F64"), "{err}");
+    for dev in test_devices() {
+        let x = pseudo_random(&[4], 5, 1.0).to_device(&dev).unwrap(); // f64: the fast path covers f32/bf16/f16 only
+        let err = gelu(&x).unwrap_err().to_string();
+        assert!(err.contains("gelu") && err.contains("F64"), "{err}");
+    }
 }
 
 /// `cargo test --release -p kernels --test gelu -- --ignored --nocapture`
