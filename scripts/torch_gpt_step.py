@@ -5,7 +5,9 @@ presets, to compare with `zero-candle bench` on the same machine.
 A nanoGPT-style GPT (pre-LayerNorm, learned positions, GELU-tanh MLP x4, tied head, no dropout,
 no biases dropped: GPT-2's Conv1D biases kept), fp32, torch.optim.AdamW (weight decay 0.1 on
 2-D parameters), random tokens, median of the timed steps after warmup; forward, backward and
-optimizer timed separately; peak resident memory (ru_maxrss) at the end.
+optimizer timed separately; peak resident memory (ru_maxrss) at the end. With --bf16 the forward
+runs under torch.autocast("cpu", dtype=torch.bfloat16) (bf16 matmuls through oneDNN, AMX where
+the CPU has it; fp32 weights and optimizer): the counterpart of `zero-candle bench --matmul bf16`.
 
 Needs PyPI torch. Usage:
   .venv/bin/python scripts/torch_gpt_step.py --model char-small [--batch 12 --seq-len 256 --steps 5 --threads 2]
@@ -72,6 +74,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -86,7 +89,8 @@ def main():
     times = {"forward": [], "backward": [], "optimizer": [], "step": []}
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        loss = model(idx, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = model(idx, tgt)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -99,7 +103,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({
-        "framework": f"torch {torch.__version__} eager fp32", "model": a.model, "params": params,
+        "framework": f"torch {torch.__version__} eager " + ("bf16 autocast" if a.bf16 else "fp32"), "model": a.model, "params": params,
         "batch": batch, "seq_len": a.seq_len, "threads": a.threads, "steps": a.steps,
         "forward_s": med["forward"], "backward_s": med["backward"], "optimizer_s": med["optimizer"], "step_s": med["step"],
         "tokens_per_s": batch * a.seq_len / med["step"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -170,13 +170,7 @@ impl LinearOp {
                 dw
             }
         };
-        let db = with_bias.then(|| {
-            let mut db = vec![0f32; n_out];
-            for row in g.chunks(n_out) {
-                db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
-            }
-            db
-        });
+        let db = with_bias.then(|| column_sums(g, n_out));
         drop((gs, xs, ws));
         let dev = Device::Cpu;
         let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
@@ -237,6 +231,26 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, with_bias: bool, dy: &Tensor, lay
         WeightLayout::OutIn => (g2.matmul(w)?, g2.t()?.matmul(&x2)?),
         WeightLayout::InOut => (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?),
     };
-    let db = if with_bias { Some(g2.sum(0)?) } else { None };
+    let db = match (with_bias, g2.dtype(), g2.device()) {
+        (false, ..) => None,
+        // candle's sum over dim 0 walks the tensor column by column (slow for wide rows).
+        (true, DType::F32, Device::Cpu) => {
+            let g2 = g2.contiguous()?;
+            let (gs, gl) = g2.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(g)) = &*gs else { bail!("linear backward: expected f32 CPU storage") };
+            let sums = column_sums(contiguous_slice(g, gl, "linear backward")?, n_out);
+            Some(Tensor::from_vec(sums, n_out, &Device::Cpu)?)
+        }
+        (true, ..) => Some(g2.sum(0)?),
+    };
     Ok((dx.reshape(x.shape())?, dw, db))
+}
+
+/// Sum of the rows of a row-major (rows x n) matrix, row by row (vectorizes across columns).
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; n];
+    for row in g.chunks(n) {
+        sums.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+    }
+    sums
 }

@@ -163,6 +163,10 @@ pub struct TrainConfig {
     /// hysteresis 2, minimum 1; a step whose gradients overflow on any rank is skipped). Master
     /// weights, moments, gradients and reductions stay f32. Default "f32".
     pub precision: String,
+    /// f32 matrix products on the CPU: "f32" (exact) or "bf16" (inputs rounded to bf16, sums in
+    /// f32, on CPUs with AMX; elsewhere it stays f32). What PyTorch calls
+    /// float32_matmul_precision "highest" vs "medium". Default "f32".
+    pub matmul_precision: String,
 }
 
 impl Default for TrainConfig {
@@ -187,6 +191,7 @@ impl Default for TrainConfig {
             out_dir: PathBuf::from("runs/default"),
             threads: 0,
             precision: "f32".into(),
+            matmul_precision: "f32".into(),
         }
     }
 }
@@ -308,6 +313,9 @@ impl Config {
         }
         if !matches!(t.precision.as_str(), "f32" | "bf16" | "f16") {
             return bad("train.precision", "must be \"f32\", \"bf16\" or \"f16\"");
+        }
+        if !matches!(t.matmul_precision.as_str(), "f32" | "bf16") {
+            return bad("train.matmul_precision", "must be \"f32\" or \"bf16\"");
         }
         if !(self.sample.top_p > 0.0 && self.sample.top_p <= 1.0) {
             return bad("sample.top_p", "must be in (0, 1]");

@@ -206,6 +206,7 @@ pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
 
 pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     crate::cpu::init_compute_threads(cfg.train.threads);
+    kernels::set_matmul_precision(parse_matmul(&cfg.train.matmul_precision)?);
     crate::signals::install();
     let out_dir = &cfg.train.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
@@ -322,8 +323,8 @@ fn train_rank(
             rayon::current_num_threads()
         );
         println!(
-            "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}",
-            options.stage, options.recompute, t.precision
+            "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}, matmul {}",
+            options.stage, options.recompute, t.precision, matmul_label(kernels::matmul_precision())
         );
         if let Some((dir, saved_world, saved_stage)) = &resume_from {
             println!("resumed from {} (saved at world {saved_world}, stage {saved_stage}); continuing at step {first_step}", dir.display());
@@ -335,6 +336,7 @@ fn train_rank(
             "event": "start", "num_params": engine.num_params(), "tokens_per_step": tokens_per_step,
             "model": model_cfg, "threads": rayon::current_num_threads(), "world_size": world,
             "zero_stage": options.stage.get(), "recompute": options.recompute, "precision": t.precision,
+            "matmul_precision": matmul_label(kernels::matmul_precision()),
         }))?;
     }
 
