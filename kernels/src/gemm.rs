@@ -279,11 +279,52 @@ mod simd {
         _mm512_permutexvar_epi16(interleave, convert32(lo, hi))
     }
 
-    /// Offsets of 16 tile rows (or pair rows) in u32 units: 0, 16, ..., 240.
+    /// Transpose 16 vectors of 16 u32 in registers: out[c][r] = v[r][c]. Two interleave stages
+    /// within 128-bit lanes, then a 4x4 transpose of the lanes (replaces 16 scatters, which the
+    /// profile showed stalling the packers).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row_offsets() -> __m512i {
-        _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0)
+    unsafe fn transpose16(v: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        // s[4i + j], lane L: rows 4i..4i+3 of column 4L + j.
+        let mut s = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            s[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            s[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            s[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Column 4L + j, lane G = s[4G + j], lane L.
+        for j in 0..4 {
+            let (a0, a1, a2, a3) = (s[j], s[4 + j], s[8 + j], s[12 + j]);
+            let u0 = _mm512_shuffle_i32x4::<0x44>(a0, a1);
+            let u1 = _mm512_shuffle_i32x4::<0xEE>(a0, a1);
+            let u2 = _mm512_shuffle_i32x4::<0x44>(a2, a3);
+            let u3 = _mm512_shuffle_i32x4::<0xEE>(a2, a3);
+            v[j] = _mm512_shuffle_i32x4::<0x88>(u0, u2);
+            v[4 + j] = _mm512_shuffle_i32x4::<0xDD>(u0, u2);
+            v[8 + j] = _mm512_shuffle_i32x4::<0x88>(u1, u3);
+            v[12 + j] = _mm512_shuffle_i32x4::<0xDD>(u1, u3);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn transpose16_for_test(m: &[[u32; 16]; 16]) -> [[u32; 16]; 16] {
+        assert!(available());
+        // SAFETY: AVX-512 checked above.
+        unsafe {
+            let mut v: [__m512i; 16] = std::array::from_fn(|r| _mm512_loadu_si512(m[r].as_ptr() as *const _));
+            transpose16(&mut v);
+            let mut out = [[0u32; 16]; 16];
+            for (r, row) in out.iter_mut().enumerate() {
+                _mm512_storeu_si512(row.as_mut_ptr() as *mut _, v[r]);
+            }
+            out
+        }
     }
 
     /// # Safety
@@ -311,12 +352,14 @@ mod simd {
             // one per A row, scattered down the tile's rows.
             debug_assert_eq!(a.row_stride, 1);
             let out32 = out as *mut i32;
-            for pair in 0..k_tiles * 16 {
-                let p = 2 * pair;
-                let src = |q: usize| if q < k { load16(base.wrapping_add(q * a.col_stride + r0), height) } else { _mm512_setzero_ps() };
-                let v = pairs(src(p), src(p + 1));
-                let (kb, pp) = (pair / 16, pair % 16);
-                _mm512_i32scatter_epi32::<4>(out32.add(kb * 256 + pp), row_offsets(), v);
+            let src = |q: usize| if q < k { load16(base.wrapping_add(q * a.col_stride + r0), height) } else { _mm512_setzero_ps() };
+            for kb in 0..k_tiles {
+                // v[pp] lane rr = pair pp of A row rr; the tile wants row rr = (pair 0..16).
+                let mut v: [__m512i; 16] = std::array::from_fn(|pp| pairs(src(kb * 32 + 2 * pp), src(kb * 32 + 2 * pp + 1)));
+                transpose16(&mut v);
+                for (rr, row) in v.iter().enumerate() {
+                    _mm512_storeu_si512(out32.add(kb * 256 + rr * 16) as *mut _, *row);
+                }
             }
         }
     }
@@ -340,13 +383,16 @@ mod simd {
             // Columns of B are contiguous along K: 32 consecutive K values are 16 pairs in order,
             // scattered down the tile's pair rows.
             debug_assert_eq!(b.row_stride, 1);
-            for c in 0..16 {
-                let col = base.wrapping_add((c0 + c) * b.col_stride);
-                for kb in 0..k_tiles {
+            for kb in 0..k_tiles {
+                // v[c] lane pp = pair pp of column c; the tile wants pair row pp = (column 0..16).
+                let mut v: [__m512i; 16] = std::array::from_fn(|c| {
+                    let col = base.wrapping_add((c0 + c) * b.col_stride + kb * 32);
                     let valid = if c < width { k.saturating_sub(kb * 32).min(32) } else { 0 };
-                    let lo = load16(col.wrapping_add(kb * 32), valid.min(16));
-                    let hi = load16(col.wrapping_add(kb * 32 + 16), valid.saturating_sub(16));
-                    _mm512_i32scatter_epi32::<4>(out32.add(kb * 256 + c), row_offsets(), convert32(lo, hi));
+                    convert32(load16(col, valid.min(16)), load16(col.wrapping_add(16), valid.saturating_sub(16)))
+                });
+                transpose16(&mut v);
+                for (pp, row) in v.iter().enumerate() {
+                    _mm512_storeu_si512(out32.add(kb * 256 + pp * 16) as *mut _, *row);
                 }
             }
         }
@@ -620,6 +666,20 @@ mod tests {
             }
             for col in n..ldc {
                 assert_eq!(c[r * ldc + col], 0.5, "padding column {col} of row {r} written");
+            }
+        }
+    }
+
+    #[test]
+    fn register_transpose_transposes() {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            let m: [[u32; 16]; 16] = std::array::from_fn(|r| std::array::from_fn(|c| (r * 16 + c) as u32));
+            let t = simd::transpose16_for_test(&m);
+            for r in 0..16 {
+                for c in 0..16 {
+                    assert_eq!(t[c][r], m[r][c], "({r},{c})");
+                }
             }
         }
     }
