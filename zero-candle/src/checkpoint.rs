@@ -127,7 +127,7 @@ pub fn save<M: BlockModel, C: Comm>(engine: &Engine<M, C>, out_dir: &Path, run: 
     // Every rank: its slice of each unit's master weights and moments.
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, unit) in engine.units.iter().enumerate() {
-        for (kind, values) in ["master", "exp_avg", "exp_avg_sq"].iter().zip(engine.shard_state(i)) {
+        for (kind, values) in ["master", "exp_avg", "exp_avg_sq"].iter().zip(engine.shard_state(i)?) {
             tensors.push((format!("{}.{kind}", unit.layout.unit), vec![values.len()], values.iter().flat_map(|v| v.to_le_bytes()).collect()));
         }
     }

@@ -13,8 +13,10 @@
 //! sums in rank order (deterministic), and the gradient norm is computed the same way at every
 //! stage (each rank's shard range, then an all-reduce), so stages 1-3 reproduce stage 0 bitwise.
 
+mod tensors;
 mod unit;
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
@@ -28,7 +30,28 @@ use crate::precision::LossScaler;
 use crate::stage::{Buffer, ZeroStage};
 
 use unit::{accumulate, intersect, Gathering, HalfShard, Target};
-pub use unit::UnitState;
+pub use unit::{TensorState, UnitState};
+
+/// Where the engine keeps each unit's master weights, AdamW moments and gradient buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateStorage {
+    /// Host `Vec`s (`UnitState::master`, ...): the CPU engine, every world size and stage.
+    HostVecs,
+    /// Flat tensors on the engine's device (`TensorState`, see tensors.rs): what a CUDA engine
+    /// uses, so the optimizer step never leaves the GPU. World size 1 only, for now.
+    Tensors,
+}
+
+impl StateStorage {
+    /// Tensors on a CUDA device, host Vecs on the CPU.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            StateStorage::HostVecs
+        } else {
+            StateStorage::Tensors
+        }
+    }
+}
 
 /// How the engine runs.
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +133,7 @@ pub struct Engine<M: BlockModel, C: Comm> {
     pub step: u64,
     /// Dynamic loss scaling (f16 compute only).
     pub loss_scaler: Option<LossScaler>,
+    storage: StateStorage,
     gathered_now: usize,
     gathered_peak: usize,
 }
@@ -140,19 +164,40 @@ fn cerr(e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl<M: BlockModel, C: Comm> Engine<M, C> {
-    /// Initialize this rank's part of every unit from `seed`.
+    /// Initialize this rank's part of every unit from `seed`, keeping the state where
+    /// `StateStorage::for_device` says (device tensors on CUDA, host Vecs on the CPU).
     pub fn new(model: M, comm: C, seed: u64, device: Device, options: EngineOptions) -> Result<Self> {
+        let storage = StateStorage::for_device(&device);
+        Self::with_storage(model, comm, seed, device, options, storage)
+    }
+
+    /// `new` with the state kept in `storage` (`Tensors` on the CPU runs the device path there,
+    /// which is how the tests check it).
+    pub fn with_storage(model: M, comm: C, seed: u64, device: Device, options: EngineOptions, storage: StateStorage) -> Result<Self> {
+        if storage == StateStorage::Tensors && comm.world_size() != 1 {
+            bail!(
+                "device {:?}: the engine keeps its state on the device only at world size 1 (this run has {}); \
+                 ZeRO stages across several GPUs need a communicator over device buffers (NCCL), not implemented yet",
+                device.location(),
+                comm.world_size()
+            );
+        }
         if !matches!(options.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             bail!("compute dtype {:?} is not supported; use f32, bf16 or f16", options.compute_dtype);
         }
         let loss_scaler = (options.compute_dtype == DType::F16).then(LossScaler::default);
         let (rank, world) = (comm.rank(), comm.world_size());
-        let units: Vec<UnitState> = model
+        let mut units: Vec<UnitState> = model
             .units()
             .iter()
             .map(|spec| UnitState::new(FlatLayout::new(spec, world), rank, world, options.stage, options.grad_dtype, seed))
             .collect();
-        let mut engine = Self { model, comm, options, units, device, step: 0, loss_scaler, gathered_now: 0, gathered_peak: 0 };
+        if storage == StateStorage::Tensors {
+            for u in &mut units {
+                u.move_to_tensors(&device, options.grad_dtype)?;
+            }
+        }
+        let mut engine = Self { model, comm, options, units, device, step: 0, loss_scaler, storage, gathered_now: 0, gathered_peak: 0 };
         engine.refresh_params()?;
         Ok(engine)
     }
@@ -163,6 +208,15 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
 
     pub fn rank(&self) -> usize {
         self.comm.rank()
+    }
+
+    /// Where the optimizer state and gradients live.
+    pub fn storage(&self) -> StateStorage {
+        self.storage
+    }
+
+    fn on_tensors(&self) -> bool {
+        self.storage == StateStorage::Tensors
     }
 
     /// Bytes of model state held by this rank.
@@ -210,6 +264,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     fn gather_async(&mut self, unit: usize) -> Result<Gathering> {
         self.gathered_now += self.unit_param_bytes(unit);
         self.gathered_peak = self.gathered_peak.max(self.gathered_now);
+        if self.on_tensors() {
+            return Ok(Gathering::Ready(self.tensor_vars(unit)?));
+        }
         let u = &self.units[unit];
         let name = &u.layout.unit;
         Ok(match &u.param_shard {
@@ -229,6 +286,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             Gathering::F32(p) => self.vars_from_full(unit, &p.wait().map_err(cerr)?),
             Gathering::Bf16(p) => vars(slots, &p.wait().map_err(cerr)?, &self.device),
             Gathering::F16(p) => vars(slots, &p.wait().map_err(cerr)?, &self.device),
+            Gathering::Ready(vars) => Ok(vars),
         }
     }
 
@@ -251,6 +309,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// After an update: rebuild the held compute-dtype parameters from the master weights
     /// (gathering the shards at stages 1-2; nothing is held at stage 3).
     fn refresh_params(&mut self) -> Result<()> {
+        if self.on_tensors() {
+            return self.tensor_refresh();
+        }
         let stage = self.options.stage;
         for i in 0..self.units.len() {
             let params = if stage.shards(Buffer::Params) {
@@ -303,8 +364,12 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         }
         stats.tokens = counts[0] as usize;
         let grad_dtype = self.options.grad_dtype;
-        for unit in &mut self.units {
-            unit.grad = GradBuf::zeros(unit.grad_range.len(), grad_dtype);
+        if self.on_tensors() {
+            self.tensor_zero_grads()?;
+        } else {
+            for unit in &mut self.units {
+                unit.grad = GradBuf::zeros(unit.grad_range.len(), grad_dtype);
+            }
         }
         // f16: the loss is multiplied by the scale (its divisor divided by it), so gradients are
         // scaled too; they are unscaled in the norm and in AdamW's grad_scale.
@@ -315,10 +380,11 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             local_loss += self.forward_backward(micro, counts[0] / scale, &mut stats)? / scale;
         }
 
-        // Stages 0-1 reduce once per step; stages 2-3 already reduce-scattered per block.
+        // Stages 0-1 reduce once per step; stages 2-3 already reduce-scattered per block (tensor
+        // state: world 1, nothing to reduce).
         let t0 = Instant::now();
         let stage = self.options.stage;
-        if !stage.shards(Buffer::Grads) {
+        if !stage.shards(Buffer::Grads) && !self.on_tensors() {
             for unit in &mut self.units {
                 // f32 buffers reduce in place or straight from the buffer (no copy on the hot
                 // path); bf16 ones go through f32 (exact) and the result is stored rounded.
@@ -349,10 +415,14 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         // stage. A non-finite gradient anywhere makes the sum non-finite on every rank, which is
         // how all ranks agree on an overflow.
         let mut sums = [local_loss, 0.0];
-        for unit in &self.units {
-            let local = intersect(&unit.shard, &unit.opt_range);
-            let offset = unit.opt_range.start;
-            sums[1] += unit.grad.sum_squares(local.start - offset..local.end - offset);
+        if self.on_tensors() {
+            sums[1] = self.tensor_sum_squares()?;
+        } else {
+            for unit in &self.units {
+                let local = intersect(&unit.shard, &unit.opt_range);
+                let offset = unit.opt_range.start;
+                sums[1] += unit.grad.sum_squares(local.start - offset..local.end - offset);
+            }
         }
         self.comm.all_reduce_sum(&mut sums, "step").map_err(cerr)?;
         stats.backward_s += t0.elapsed().as_secs_f64();
@@ -381,6 +451,12 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let clip_scale = if grad_clip > 0.0 && stats.grad_norm > grad_clip { grad_clip / (stats.grad_norm + 1e-6) } else { 1.0 };
         let grad_scale = clip_scale / stats.loss_scale.max(1.0);
         self.step += 1;
+        if self.on_tensors() {
+            self.tensor_adamw(lr, hyper, grad_scale as f32)?;
+            self.refresh_params()?;
+            // Asynchronous devices: the step's work ends here, not inside the next forward.
+            return self.device.synchronize();
+        }
         for unit in &mut self.units {
             let base = unit.opt_range.start;
             for slot in &unit.layout.params {
@@ -414,6 +490,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
 
     /// `take_grads` for gradients listed in parameter order (None: no gradient reached it).
     fn take_grad_list(&mut self, unit: usize, grads: &[Option<Tensor>], full: Option<&mut Vec<f32>>) -> Result<()> {
+        if self.on_tensors() {
+            return self.tensor_add_grads(unit, grads);
+        }
         let grad_dtype = self.options.grad_dtype;
         let u = &mut self.units[unit];
         if full.is_none() && u.grad_range.len() != u.layout.padded_numel {
@@ -437,7 +516,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
 
     /// Block `i`'s parameter gradients into its buffer, or reduce-scattered into its shard.
     fn store_block_grads(&mut self, i: usize, grads: &[Option<Tensor>]) -> Result<()> {
-        if self.options.stage.shards(Buffer::Grads) {
+        if self.options.stage.shards(Buffer::Grads) && !self.on_tensors() {
             let mut full = vec![0f32; self.units[i + 1].layout.padded_numel];
             self.take_grad_list(i + 1, grads, Some(&mut full))?;
             self.scatter_into_shard(i + 1, &full)
@@ -512,7 +591,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
 
         // Backward, one unit at a time, from the loss down to the embedding.
         let t1 = Instant::now();
-        let mut root_full = if shard_grads { Some(vec![0f32; self.units[0].layout.padded_numel]) } else { None };
+        let mut root_full = if shard_grads && !self.on_tensors() { Some(vec![0f32; self.units[0].layout.padded_numel]) } else { None };
         let grads = loss.backward()?;
         self.take_grads(0, &root, &grads, root_full.as_mut())?;
         let mut upstream = upstream_of(&grads, &carry)?;
@@ -642,8 +721,10 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// (a collective: every rank must call it).
     pub fn full_parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         let mut out = Vec::new();
-        for u in &self.units {
-            let full = if u.opt_range.len() == u.layout.padded_numel {
+        for (i, u) in self.units.iter().enumerate() {
+            let full = if u.tensors.is_some() {
+                self.tensor_master_to_host(i)?
+            } else if u.opt_range.len() == u.layout.padded_numel {
                 u.master.clone()
             } else {
                 let mut full = vec![0f32; u.layout.padded_numel];
@@ -658,8 +739,12 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// The accumulated gradient of parameter `name` over the part this rank holds, as
     /// (first flat index within the parameter, values). After `compute_gradients`.
     pub fn gradient(&self, name: &str) -> Option<(usize, Vec<f32>)> {
-        self.units.iter().find_map(|u| {
+        self.units.iter().enumerate().find_map(|(i, u)| {
             let slot = u.layout.params.iter().find(|s| s.name == name)?;
+            if u.tensors.is_some() {
+                // World 1: the buffer covers the whole unit.
+                return Some((0, self.tensor_grad_to_host(i, slot.offset, slot.numel).ok()?));
+            }
             let held = if u.grad.len() == u.opt_range.len() { u.opt_range.clone() } else { u.grad_range.clone() };
             let r = intersect(&slot.range(), &held);
             Some((r.start.saturating_sub(slot.offset), u.grad.to_f32(r.start - held.start..r.end - held.start).into_owned()))
@@ -667,11 +752,15 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     }
 
     /// This rank's shard (`layout.shard_range` at the current world size) of a unit's master
-    /// weights and AdamW moments, as written to a checkpoint.
-    pub fn shard_state(&self, unit: usize) -> [&[f32]; 3] {
+    /// weights and AdamW moments, as written to a checkpoint (copied to the host from tensor state).
+    pub fn shard_state(&self, unit: usize) -> Result<[Cow<'_, [f32]>; 3]> {
         let u = &self.units[unit];
         let r = u.shard.start - u.opt_range.start..u.shard.end - u.opt_range.start;
-        [&u.master[r.clone()], &u.exp_avg[r.clone()], &u.exp_avg_sq[r]]
+        if u.tensors.is_some() {
+            let [m, a, v] = self.tensor_state_to_host(unit, r.start, r.len())?;
+            return Ok([Cow::Owned(m), Cow::Owned(a), Cow::Owned(v)]);
+        }
+        Ok([Cow::Borrowed(&u.master[r.clone()]), Cow::Borrowed(&u.exp_avg[r.clone()]), Cow::Borrowed(&u.exp_avg_sq[r])])
     }
 
     /// Restore a unit's master weights and moments over this rank's `opt_range` (values are
@@ -681,6 +770,9 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let n = u.opt_range.len();
         if master.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
             bail!("unit {}: restoring {} / {} / {} values over a range of {n}", u.layout.unit, master.len(), exp_avg.len(), exp_avg_sq.len());
+        }
+        if u.tensors.is_some() {
+            return self.tensor_set_state(unit, master, exp_avg, exp_avg_sq);
         }
         (u.master, u.exp_avg, u.exp_avg_sq) = (master, exp_avg, exp_avg_sq);
         Ok(())
@@ -696,6 +788,15 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
     /// Replace every parameter's master weights with `params` (name -> (shape, f32 values)); every
     /// parameter of the model must be present with its exact shape. Moments are reset.
     pub fn load_parameters(&mut self, params: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+        // Tensor state: through the host (once per load), then back with zero moments.
+        let on_tensors = self.on_tensors();
+        if on_tensors {
+            for i in 0..self.units.len() {
+                self.units[i].master = self.tensor_master_to_host(i)?;
+                let n = self.units[i].opt_range.len();
+                (self.units[i].exp_avg, self.units[i].exp_avg_sq) = (vec![0.0; n], vec![0.0; n]);
+            }
+        }
         for unit in &mut self.units {
             let base = unit.opt_range.start;
             for slot in &unit.layout.params {
@@ -714,6 +815,13 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             }
             unit.exp_avg.fill(0.0);
             unit.exp_avg_sq.fill(0.0);
+        }
+        if on_tensors {
+            for i in 0..self.units.len() {
+                let u = &mut self.units[i];
+                let state = (std::mem::take(&mut u.master), std::mem::take(&mut u.exp_avg), std::mem::take(&mut u.exp_avg_sq));
+                self.tensor_set_state(i, state.0, state.1, state.2)?;
+            }
         }
         self.refresh_params()
     }

@@ -33,6 +33,19 @@ pub struct UnitState {
     /// Stage 3 with bf16/f16 compute: this rank's parameter shard in the compute dtype, which
     /// is what gets all-gathered (half the bytes of gathering the fp32 master).
     pub(super) param_shard: Option<HalfShard>,
+    /// `StateStorage::Tensors`: the master weights, moments and gradient as tensors on the
+    /// engine's device; `master`, `exp_avg`, `exp_avg_sq` and `grad` above are then empty.
+    pub(super) tensors: Option<TensorState>,
+}
+
+/// A unit's optimizer state and gradient as flat 1-D tensors on the engine's device (the state of
+/// a CUDA engine): `master`, `exp_avg`, `exp_avg_sq` f32 over `opt_range`, `grad` in the gradient
+/// dtype over `grad_range`. Only at world size 1, where both ranges are the whole padded buffer.
+pub struct TensorState {
+    pub master: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub grad: Tensor,
 }
 
 /// A stage-3 parameter shard in a 2-byte compute dtype.
@@ -46,6 +59,8 @@ pub(super) enum Gathering {
     F32(Pending<f32>),
     Bf16(Pending<half::bf16>),
     F16(Pending<half::f16>),
+    /// Tensor state at world size 1: built from the master weights, nothing to wait for.
+    Ready(Vec<Var>),
 }
 
 /// Add a gradient tensor (any float dtype, any device) into part of a gradient buffer at
@@ -102,7 +117,33 @@ impl UnitState {
             grad_range,
             params: None,
             param_shard: None,
+            tensors: None,
         }
+    }
+
+    /// Move the master weights to `device` as a tensor, with zero moments and gradient there
+    /// (`StateStorage::Tensors`); the host buffers are freed.
+    pub(super) fn move_to_tensors(&mut self, device: &Device, grad_dtype: GradDtype) -> Result<()> {
+        let n = self.opt_range.len();
+        let master = Tensor::from_vec(std::mem::take(&mut self.master), n, device)?;
+        self.exp_avg = Vec::new();
+        self.exp_avg_sq = Vec::new();
+        self.grad = GradBuf::zeros(0, grad_dtype);
+        self.tensors = Some(TensorState {
+            master,
+            exp_avg: Tensor::zeros(n, DType::F32, device)?,
+            exp_avg_sq: Tensor::zeros(n, DType::F32, device)?,
+            grad: Tensor::zeros(self.grad_range.len(), grad_dtype_of(grad_dtype), device)?,
+        });
+        Ok(())
+    }
+}
+
+/// The candle dtype of a gradient buffer.
+pub(super) fn grad_dtype_of(dtype: GradDtype) -> DType {
+    match dtype {
+        GradDtype::F32 => DType::F32,
+        GradDtype::Bf16 => DType::BF16,
     }
 }
 
