@@ -6,8 +6,16 @@
 //! second fused pass; `causal_attention` wraps it between candle's two (differentiable) matmuls,
 //! so q, k and v get their gradients from candle's autograd. The `_reference` functions are the
 //! spec, composed from differentiable candle ops.
+//!
+//! With the `cuda` feature the softmax and its backward also run on CUDA tensors
+//! (`src/cuda/attention.cu`, same formulas, one block per row), so `causal_attention` runs entirely
+//! on the GPU (the matmuls are candle's cuBLAS ones).
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat};
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -62,6 +70,35 @@ impl CustomOp1 for CausalSoftmax {
         Ok((from_f32_vec(p, storage.dtype(), "causal_softmax")?, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        const OP: &str = "causal_softmax";
+        let (rows, t) = rows_and_len(l.shape(), OP)?;
+        fn run<T: CudaFloat>(s: &CudaStorage, l: &Layout, rows: usize, t: usize, scale: f32) -> Result<CudaStorage> {
+            use cuda::{PushKernelArg, WrapErr};
+            let x = cuda::view::<T>(s, l, OP)?;
+            let dev = s.device();
+            let mut p = unsafe { dev.alloc::<T>(x.len()) }?;
+            if rows > 0 {
+                let k = cuda::kernel(dev, cuda::ATTENTION, &format!("causal_softmax_fwd_{}", T::SUFFIX))?;
+                let mut b = k.builder();
+                b.arg(&x);
+                b.arg(&mut p);
+                b.arg(&t);
+                b.arg(&scale);
+                unsafe { b.launch(cuda::rows_config(rows, row_threads(t), 0)?) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(p, dev.clone()))
+        }
+        let p = match s.dtype() {
+            DType::F32 => run::<f32>(s, l, rows, t, self.scale)?,
+            DType::BF16 => run::<half::bf16>(s, l, rows, t, self.scale)?,
+            DType::F16 => run::<half::f16>(s, l, rows, t, self.scale)?,
+            other => bail!("{OP}: unsupported dtype {other:?} (expected f32, bf16 or f16)"),
+        };
+        Ok((p, l.shape().clone()))
+    }
+
     fn bwd(&self, _scores: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
         let dp = dp.to_dtype(p.dtype())?.contiguous()?;
         let ds = p.contiguous()?.apply_op2_no_bwd(&dp, &CausalSoftmaxBwd { scale: self.scale })?;
@@ -101,6 +138,49 @@ impl CustomOp2 for CausalSoftmaxBwd {
         }
         Ok((from_f32_vec(ds, ps.dtype(), "causal_softmax backward")?, pl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        const OP: &str = "causal_softmax backward";
+        let (rows, t) = rows_and_len(pl.shape(), OP)?;
+        if pl.shape() != gl.shape() {
+            bail!("{OP}: gradient shape {:?} differs from output shape {:?}", gl.dims(), pl.dims());
+        }
+        if ps.dtype() != gs.dtype() {
+            bail!("{OP}: gradient dtype {:?} differs from output dtype {:?}", gs.dtype(), ps.dtype());
+        }
+        fn run<T: CudaFloat>(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout, rows: usize, t: usize, scale: f32) -> Result<CudaStorage> {
+            use cuda::{PushKernelArg, WrapErr};
+            let (p, dp) = (cuda::view::<T>(ps, pl, OP)?, cuda::view::<T>(gs, gl, OP)?);
+            let dev = ps.device();
+            let mut ds = unsafe { dev.alloc::<T>(p.len()) }?;
+            if rows > 0 {
+                let k = cuda::kernel(dev, cuda::ATTENTION, &format!("causal_softmax_bwd_{}", T::SUFFIX))?;
+                let mut b = k.builder();
+                b.arg(&p);
+                b.arg(&dp);
+                b.arg(&mut ds);
+                b.arg(&t);
+                b.arg(&scale);
+                unsafe { b.launch(cuda::rows_config(rows, row_threads(t), 0)?) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(ds, dev.clone()))
+        }
+        let ds = match ps.dtype() {
+            DType::F32 => run::<f32>(ps, pl, gs, gl, rows, t, self.scale)?,
+            DType::BF16 => run::<half::bf16>(ps, pl, gs, gl, rows, t, self.scale)?,
+            DType::F16 => run::<half::f16>(ps, pl, gs, gl, rows, t, self.scale)?,
+            other => bail!("{OP}: unsupported dtype {other:?} (expected f32, bf16 or f16)"),
+        };
+        Ok((ds, pl.shape().clone()))
+    }
+}
+
+/// Threads per block of the CUDA row kernels for rows of `t` scores: a multiple of 32 (the block
+/// reduction needs whole warps), at most 256 (GPT-2's T = 1024 is then 4 entries per thread).
+#[cfg(feature = "cuda")]
+fn row_threads(t: usize) -> u32 {
+    t.div_ceil(32).clamp(1, 8) as u32 * 32
 }
 
 /// Softmax over the last dim of `scale * scores`, scores of shape (..., T, T) (query rows, key

@@ -7,8 +7,19 @@
 //! dlogits = (softmax - onehot) * grad / divisor in one pass, in the logits' dtype. Rows whose
 //! target is `IGNORE_INDEX` count for nothing. `cross_entropy_reference` is the spec, composed from
 //! differentiable candle ops.
+//!
+//! With the `cuda` feature both passes also run on CUDA tensors (`src/cuda/cross_entropy.cu`, same
+//! formulas, one block per row): the targets are copied to the host (N u32, one stream sync) and
+//! checked and counted exactly as on the CPU, so the errors and the divisor are the same; the loss
+//! is the sum of per-row f32 losses in f64, in a fixed order (bitwise reproducible).
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat};
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::CudaView;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -119,6 +130,31 @@ fn targets_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Resu
     }
 }
 
+/// The targets on the device, and (copied to the host) checked and counted like `count_targets`.
+#[cfg(feature = "cuda")]
+fn cuda_targets<'a>(storage: &'a CudaStorage, layout: &Layout, v: usize, op: &str) -> Result<(CudaView<'a, u32>, usize)> {
+    if storage.dtype() != DType::U32 {
+        bail!("{op}: targets must be u32, got {:?}", storage.dtype());
+    }
+    let targets = match layout.contiguous_offsets() {
+        Some((start, end)) => storage.as_cuda_slice::<u32>()?.slice(start..end),
+        None => bail!("{op}: input must be contiguous (call .contiguous() first), got strides {:?}", layout.stride()),
+    };
+    let count = count_targets(&storage.device().clone_dtoh(&targets)?, v, op)?;
+    Ok((targets, count))
+}
+
+/// Threads per block of the CUDA row kernels (rows of V logits): a multiple of 32 (the block
+/// reduction needs whole warps), at most 512 (GPT-2's V = 50257 is then ~100 logits per thread).
+#[cfg(feature = "cuda")]
+fn row_threads(v: usize) -> u32 {
+    v.div_ceil(32).clamp(1, 16) as u32 * 32
+}
+
+/// Threads of the one-block kernel that sums the per-row losses.
+#[cfg(feature = "cuda")]
+const LOSS_SUM_THREADS: u32 = 1024;
+
 /// Forward: scalar f32 loss.
 struct CrossEntropy {
     divisor: Option<f64>,
@@ -141,6 +177,53 @@ impl CustomOp2 for CrossEntropy {
             other => bail!("{OP}: logits must be f32, bf16 or f16, got {:?}", other.dtype()),
         };
         Ok((CpuStorage::F32(vec![(sum / divisor) as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
+        use cuda::{PushKernelArg, WrapErr};
+        const OP: &str = "cross_entropy";
+        let (rows, v) = rows_and_vocab(ll.shape(), tl.shape(), OP)?;
+        let (targets, count) = cuda_targets(ts, tl, v, OP)?;
+        let divisor = resolve_divisor(self.divisor, count, OP)?;
+        let dev = ls.device();
+        // Per-row losses (0 for ignored rows); at least one element so that the sum has a buffer.
+        let mut row_loss = unsafe { dev.alloc::<f32>(rows.max(1)) }?;
+        fn rows_fwd<T: CudaFloat>(
+            ls: &CudaStorage,
+            ll: &Layout,
+            targets: &CudaView<'_, u32>,
+            row_loss: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+            rows: usize,
+            v: usize,
+        ) -> Result<()> {
+            use cuda::{PushKernelArg, WrapErr};
+            let logits = cuda::view::<T>(ls, ll, OP)?;
+            let k = cuda::kernel(ls.device(), cuda::CROSS_ENTROPY, &format!("cross_entropy_fwd_{}", T::SUFFIX))?;
+            let mut b = k.builder();
+            b.arg(&logits);
+            b.arg(targets);
+            b.arg(row_loss);
+            b.arg(&v);
+            unsafe { b.launch(cuda::rows_config(rows, row_threads(v), 0)?) }.w()?;
+            Ok(())
+        }
+        match ls.dtype() {
+            DType::F32 | DType::BF16 | DType::F16 if rows == 0 => {}
+            DType::F32 => rows_fwd::<f32>(ls, ll, &targets, &mut row_loss, rows, v)?,
+            DType::BF16 => rows_fwd::<half::bf16>(ls, ll, &targets, &mut row_loss, rows, v)?,
+            DType::F16 => rows_fwd::<half::f16>(ls, ll, &targets, &mut row_loss, rows, v)?,
+            other => bail!("{OP}: logits must be f32, bf16 or f16, got {other:?}"),
+        }
+        let mut loss = unsafe { dev.alloc::<f32>(1) }?;
+        let k = cuda::kernel(dev, cuda::CROSS_ENTROPY, "cross_entropy_loss_sum")?;
+        let mut b = k.builder();
+        b.arg(&row_loss);
+        b.arg(&rows);
+        b.arg(&divisor);
+        b.arg(&mut loss);
+        unsafe { b.launch(cuda::rows_config(1, LOSS_SUM_THREADS, 0)?) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(loss, dev.clone()), Shape::from(())))
     }
 
     fn bwd(&self, logits: &Tensor, targets: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -185,6 +268,61 @@ impl CustomOp3 for CrossEntropyBwd {
             CpuStorage::BF16(d) => WithDType::to_cpu_storage_owned(loss_grad(contiguous_slice(d, ll, OP)?, targets, v, scale)),
             CpuStorage::F16(d) => WithDType::to_cpu_storage_owned(loss_grad(contiguous_slice(d, ll, OP)?, targets, v, scale)),
             other => bail!("{OP}: logits must be f32, bf16 or f16, got {:?}", other.dtype()),
+        };
+        Ok((out, ll.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &CudaStorage,
+        ll: &Layout,
+        ts: &CudaStorage,
+        tl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        const OP: &str = "cross_entropy backward";
+        let (rows, v) = rows_and_vocab(ll.shape(), tl.shape(), OP)?;
+        let (targets, count) = cuda_targets(ts, tl, v, OP)?;
+        let divisor = resolve_divisor(self.divisor, count, OP)?;
+        if gs.dtype() != DType::F32 || gl.shape().elem_count() != 1 {
+            bail!("{OP}: upstream gradient must be an f32 scalar, got {:?} of shape {:?}", gs.dtype(), gl.dims());
+        }
+        // The upstream gradient stays on the device: each block computes
+        // scale = (f32)((f64)grad / divisor) as the CPU does.
+        let grad = cuda::view::<f32>(gs, gl, OP)?;
+        fn run<T: CudaFloat>(
+            ls: &CudaStorage,
+            ll: &Layout,
+            targets: &CudaView<'_, u32>,
+            grad: &CudaView<'_, f32>,
+            rows: usize,
+            v: usize,
+            divisor: f64,
+        ) -> Result<CudaStorage> {
+            use cuda::{PushKernelArg, WrapErr};
+            let logits = cuda::view::<T>(ls, ll, OP)?;
+            let dev = ls.device();
+            let mut dlogits = unsafe { dev.alloc::<T>(logits.len()) }?;
+            if rows > 0 {
+                let k = cuda::kernel(dev, cuda::CROSS_ENTROPY, &format!("cross_entropy_bwd_{}", T::SUFFIX))?;
+                let mut b = k.builder();
+                b.arg(&logits);
+                b.arg(targets);
+                b.arg(grad);
+                b.arg(&mut dlogits);
+                b.arg(&v);
+                b.arg(&divisor);
+                unsafe { b.launch(cuda::rows_config(rows, row_threads(v), 0)?) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(dlogits, dev.clone()))
+        }
+        let out = match ls.dtype() {
+            DType::F32 => run::<f32>(ls, ll, &targets, &grad, rows, v, divisor)?,
+            DType::BF16 => run::<half::bf16>(ls, ll, &targets, &grad, rows, v, divisor)?,
+            DType::F16 => run::<half::f16>(ls, ll, &targets, &grad, rows, v, divisor)?,
+            other => bail!("{OP}: logits must be f32, bf16 or f16, got {other:?}"),
         };
         Ok((out, ll.shape().clone()))
     }

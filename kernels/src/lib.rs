@@ -10,7 +10,7 @@
 //! at odd sizes, and check each reference once against finite differences.
 //!
 //! With the `cuda` feature, ops with a `cuda_fwd` (see `cuda`) run on CUDA tensors too: so far `gelu`,
-//! `adamw_step_tensors` and `cast_scaled`.
+//! `adamw_step_tensors`, `cast_scaled`, `causal_softmax` (so all of `causal_attention`) and `cross_entropy`.
 //!
 //! Ops: `layer_norm`, `gelu` (tanh), `causal_softmax`, `causal_attention`, `cross_entropy`
 //! (GPT-2); `rms_norm`, `rope` (+ `rope_tables`), `swiglu` (Llama); and the `adamw_step` update.

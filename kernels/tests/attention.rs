@@ -1,10 +1,12 @@
 //! Tests for `causal_softmax` and `causal_attention`: each reference once against central finite
 //! differences in f64, then the fast paths (forward and every gradient) against the references
 //! in f32 and bf16 at odd sizes, plus the causal-mask properties and shape errors. An `#[ignore]`d
-//! timing test compares fast and reference fwd+bwd at GPT-2-small-like sizes.
+//! timing test compares fast and reference fwd+bwd at GPT-2-small-like sizes. The fast-path tests
+//! run on every device of `kernels::testing::test_devices()` (the CPU, and CUDA with
+//! `--features cuda` on a GPU machine), always against the CPU reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use kernels::testing::{assert_close, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{assert_close, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL};
 use kernels::{causal_attention, causal_attention_reference, causal_softmax, causal_softmax_reference};
 
 type Op3 = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
@@ -29,7 +31,14 @@ fn forward_and_grads(f: &dyn Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor],
     (y, gs)
 }
 
-/// Compares fast and reference (f32, on the same rounded inputs) for forward and all gradients.
+/// Copies a result to the CPU after checking that it lives on `dev`.
+fn on_cpu(t: &Tensor, dev: &Device, what: &str) -> Tensor {
+    assert!(t.device().same_device(dev), "{what} on {:?}, expected {:?}", t.device().location(), dev.location());
+    t.to_device(&Device::Cpu).unwrap()
+}
+
+/// Compares fast (on every test device) and reference (f32 on the CPU, on the same rounded inputs)
+/// for forward and all gradients.
 fn check_against_reference(
     fast: &dyn Fn(&[Tensor]) -> Result<Tensor>,
     reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
@@ -44,13 +53,17 @@ fn check_against_reference(
     // The reference sees exactly the rounded values the fast path sees, widened to f32.
     let inputs_ref: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
     let g_ref = g.to_dtype(DType::F32).unwrap();
-    let (y, grads) = forward_and_grads(fast, &inputs, &g);
     let (y_ref, grads_ref) = forward_and_grads(reference, &inputs_ref, &g_ref);
-    assert_eq!(y.dtype(), dtype, "{name}: output dtype");
-    assert_close(&y, &y_ref, tol, &format!("{name} forward"));
-    for (i, (a, b)) in grads.iter().zip(&grads_ref).enumerate() {
-        assert_eq!(a.dtype(), dtype, "{name}: gradient {i} dtype");
-        assert_close(a, b, tol, &format!("{name} gradient of input {i}"));
+    for dev in test_devices() {
+        let on = format!("{name} on {:?}", dev.location());
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+        let (y, grads) = forward_and_grads(fast, &inputs, &g.to_device(&dev).unwrap());
+        assert_eq!(y.dtype(), dtype, "{on}: output dtype");
+        assert_close(&on_cpu(&y, &dev, &on), &y_ref, tol, &format!("{on} forward"));
+        for (i, (a, b)) in grads.iter().zip(&grads_ref).enumerate() {
+            assert_eq!(a.dtype(), dtype, "{on}: gradient {i} dtype");
+            assert_close(&on_cpu(a, &dev, &on), b, tol, &format!("{on} gradient of input {i}"));
+        }
     }
 }
 
@@ -101,6 +114,14 @@ fn causal_softmax_forward_and_gradient_match_reference_f32() {
 }
 
 #[test]
+fn causal_softmax_long_rows_match_reference_f32() {
+    // T = 300: rows longer than one CUDA block (256 threads, several warps per reduction), and
+    // visible lengths from 1 to 300.
+    let s = rand(&[1, 2, 300, 300], 16, 4.0);
+    check_against_reference(&softmax_fast, &softmax_ref, &[s], &rand(&[1, 2, 300, 300], 17, 1.0), DType::F32, F32_TOL, "softmax f32 T=300");
+}
+
+#[test]
 fn causal_softmax_forward_and_gradient_match_reference_bf16() {
     let s = rand(&[2, 3, 13, 13], 12, 4.0);
     check_against_reference(&softmax_fast, &softmax_ref, &[s], &rand(&[2, 3, 13, 13], 13, 1.0), DType::BF16, BF16_TOL, "softmax bf16");
@@ -131,14 +152,26 @@ fn causal_attention_forward_and_gradients_match_reference_bf16() {
 }
 
 #[test]
+fn causal_attention_forward_and_gradients_match_reference_f16() {
+    let (inputs, g) = attention_inputs(35);
+    check_against_reference(&attention_fast, &attention_ref, &inputs, &g, DType::F16, BF16_TOL, "attention f16");
+}
+
+#[test]
 fn causal_attention_accepts_transposed_noncontiguous_inputs() {
     // q, k, v as produced by a model: (B, T, H, D) split into heads with a transpose.
-    let make = |seed| rand(&[2, 13, 3, 5], seed, 1.5).transpose(1, 2).unwrap();
+    let make = |seed| rand(&[2, 13, 3, 5], seed, 1.5);
     let (q, k, v) = (make(40), make(41), make(42));
-    assert!(!q.is_contiguous());
-    let y = causal_attention(&q, &k, &v).unwrap();
-    let y_ref = causal_attention_reference(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v.contiguous().unwrap()).unwrap();
-    assert_close(&y, &y_ref, F32_TOL, "attention on transposed inputs");
+    let heads = |x: &Tensor| x.transpose(1, 2).unwrap();
+    let y_ref = causal_attention_reference(&heads(&q).contiguous().unwrap(), &heads(&k).contiguous().unwrap(), &heads(&v).contiguous().unwrap()).unwrap();
+    for dev in test_devices() {
+        let (q, k, v) = (q.to_device(&dev).unwrap(), k.to_device(&dev).unwrap(), v.to_device(&dev).unwrap());
+        let (q, k, v) = (heads(&q), heads(&k), heads(&v));
+        assert!(!q.is_contiguous());
+        let y = causal_attention(&q, &k, &v).unwrap();
+        let on = format!("attention on transposed inputs on {:?}", dev.location());
+        assert_close(&on_cpu(&y, &dev, &on), &y_ref, F32_TOL, &on);
+    }
 }
 
 #[test]
@@ -156,11 +189,16 @@ fn causal_softmax_ignores_masked_scores_even_inf_and_nan() {
     }
     let dirty = Tensor::from_vec(data, (2, t, t), &Device::Cpu).unwrap();
     let g = rand(&[2, t, t], 51, 1.0);
-    for (name, op) in [("fast", softmax_fast as fn(&[Tensor]) -> Result<Tensor>), ("reference", softmax_ref)] {
-        let (p_clean, grad_clean) = forward_and_grads(&op, std::slice::from_ref(&clean), &g);
-        let (p_dirty, grad_dirty) = forward_and_grads(&op, std::slice::from_ref(&dirty), &g);
+    let mut cases = vec![("reference".to_string(), softmax_ref as fn(&[Tensor]) -> Result<Tensor>, Device::Cpu)];
+    cases.extend(test_devices().into_iter().map(|dev| (format!("fast on {:?}", dev.location()), softmax_fast as fn(&[Tensor]) -> Result<Tensor>, dev)));
+    for (name, op, dev) in cases {
+        let run = |x: &Tensor| {
+            let (p, grads) = forward_and_grads(&op, &[x.to_device(&dev).unwrap()], &g.to_device(&dev).unwrap());
+            (on_cpu(&p, &dev, &name), on_cpu(&grads[0], &dev, &name))
+        };
+        let ((p_clean, grad_clean), (p_dirty, grad_dirty)) = (run(&clean), run(&dirty));
         let p = p_dirty.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let dg = grad_dirty[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dg = grad_dirty.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for n in 0..p.len() {
             let (i, j) = ((n / t) % t, n % t);
             if j > i {
@@ -171,7 +209,7 @@ fn causal_softmax_ignores_masked_scores_even_inf_and_nan() {
         let row_sums = p_dirty.sum(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(row_sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{name}: rows must sum to 1, got {row_sums:?}");
         assert_close(&p_dirty, &p_clean, F32_TOL, &format!("{name}: P with garbage in masked entries"));
-        assert_close(&grad_dirty[0], &grad_clean[0], F32_TOL, &format!("{name}: gradient with garbage in masked entries"));
+        assert_close(&grad_dirty, &grad_clean, F32_TOL, &format!("{name}: gradient with garbage in masked entries"));
     }
 }
 
@@ -185,9 +223,12 @@ fn causal_attention_future_keys_and_values_do_not_change_earlier_outputs() {
         Tensor::cat(&[&head, &rand(&[b, h, t - t0, d], seed, 3.0)], 2).unwrap()
     };
     let (k2, v2) = (change(&inputs[1], 61), change(&inputs[2], 62));
-    for (name, op) in [("fast", causal_attention as Op3), ("reference", causal_attention_reference)] {
-        let y1 = op(&inputs[0], &inputs[1], &inputs[2]).unwrap();
-        let y2 = op(&inputs[0], &k2, &v2).unwrap();
+    let mut cases = vec![("reference".to_string(), causal_attention_reference as Op3, Device::Cpu)];
+    cases.extend(test_devices().into_iter().map(|dev| (format!("fast on {:?}", dev.location()), causal_attention as Op3, dev)));
+    for (name, op, dev) in cases {
+        let d = |x: &Tensor| x.to_device(&dev).unwrap();
+        let y1 = on_cpu(&op(&d(&inputs[0]), &d(&inputs[1]), &d(&inputs[2])).unwrap(), &dev, &name);
+        let y2 = on_cpu(&op(&d(&inputs[0]), &d(&k2), &d(&v2)).unwrap(), &dev, &name);
         let past = |y: &Tensor| y.narrow(2, 0, t0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(past(&y1), past(&y2), "{name}: outputs before position {t0} changed");
         // Sanity: the outputs from t0 on do see the change, so the check above is not vacuous.
@@ -199,12 +240,15 @@ fn causal_attention_future_keys_and_values_do_not_change_earlier_outputs() {
 
 #[test]
 fn causal_attention_rejects_mismatched_shapes() {
-    let q = rand(&[1, 2, 4, 3], 70, 1.0);
-    let k = rand(&[1, 2, 5, 3], 71, 1.0);
-    let err = causal_attention(&q, &k, &q).unwrap_err().to_string();
-    assert!(err.contains("causal_attention") && err.contains("[1, 2, 4, 3]") && err.contains("[1, 2, 5, 3]"), "{err}");
-    let err = causal_softmax(&rand(&[2, 4, 5], 72, 1.0), 1.0).unwrap_err().to_string();
-    assert!(err.contains("causal_softmax") && err.contains("[2, 4, 5]"), "{err}");
+    for dev in test_devices() {
+        let d = |x: Tensor| x.to_device(&dev).unwrap();
+        let q = d(rand(&[1, 2, 4, 3], 70, 1.0));
+        let k = d(rand(&[1, 2, 5, 3], 71, 1.0));
+        let err = causal_attention(&q, &k, &q).unwrap_err().to_string();
+        assert!(err.contains("causal_attention") && err.contains("[1, 2, 4, 3]") && err.contains("[1, 2, 5, 3]"), "{err}");
+        let err = causal_softmax(&d(rand(&[2, 4, 5], 72, 1.0)), 1.0).unwrap_err().to_string();
+        assert!(err.contains("causal_softmax") && err.contains("[2, 4, 5]"), "{err}");
+    }
 }
 
 /// Rough speed of fwd+bwd at GPT-2-small-like sizes (run with `-- --ignored --nocapture`).

@@ -2,10 +2,12 @@
 //! the fused op (loss and logits gradient, with and without an upstream scale and a divisor)
 //! against the reference in f32 and bf16 at odd sizes with ignored targets, plus a known value,
 //! divisor semantics, the all-ignored case and the error messages. An `#[ignore]`d timing test
-//! compares fast and reference fwd+bwd at GPT-2-like sizes.
+//! compares fast and reference fwd+bwd at GPT-2-like sizes. The fused op runs on every device of
+//! `kernels::testing::test_devices()` (the CPU, and CUDA with `--features cuda` on a GPU machine),
+//! always against the CPU reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use kernels::testing::{assert_close, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL};
+use kernels::testing::{assert_close, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL};
 use kernels::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 
 type Loss = fn(&Tensor, &Tensor, Option<f64>) -> Result<Tensor>;
@@ -28,12 +30,26 @@ fn targets(shape: &[usize], v: usize, seed: u64, ignore_every: usize) -> Tensor 
 
 /// Loss, and gradient of `upstream * loss` with respect to the logits (as a Var).
 fn loss_and_grad(f: Loss, logits: &Tensor, targets: &Tensor, divisor: Option<f64>, upstream: f64) -> (f32, Tensor) {
-    let var = Var::from_tensor(logits).unwrap();
-    let loss = f(var.as_tensor(), targets, divisor).unwrap();
+    loss_and_grad_on(f, logits, targets, divisor, upstream, &Device::Cpu)
+}
+
+/// `loss_and_grad` with logits and targets on `dev`; the gradient comes back on the CPU (after
+/// checking that loss and gradient were computed on `dev`).
+fn loss_and_grad_on(f: Loss, logits: &Tensor, targets: &Tensor, divisor: Option<f64>, upstream: f64, dev: &Device) -> (f32, Tensor) {
+    let var = Var::from_tensor(&logits.to_device(dev).unwrap()).unwrap();
+    let loss = f(var.as_tensor(), &targets.to_device(dev).unwrap(), divisor).unwrap();
     assert_eq!((loss.dtype(), loss.rank()), (DType::F32, 0), "loss must be a scalar f32");
     let grads = if upstream == 1.0 { loss.backward() } else { (&loss * upstream).unwrap().backward() }.unwrap();
     let grad = grads.get(var.as_tensor()).expect("missing logits gradient").clone();
-    (loss.to_scalar::<f32>().unwrap(), grad)
+    assert!(loss.device().same_device(dev) && grad.device().same_device(dev), "loss and gradient on {:?}", dev.location());
+    (loss.to_scalar::<f32>().unwrap(), grad.to_device(&Device::Cpu).unwrap())
+}
+
+/// The reference on the CPU, then the fused op on every test device, each with a name.
+fn ops_and_devices() -> Vec<(String, Loss, Device)> {
+    let mut cases = vec![("reference".to_string(), cross_entropy_reference as Loss, Device::Cpu)];
+    cases.extend(test_devices().into_iter().map(|dev| (format!("fused on {:?}", dev.location()), cross_entropy as Loss, dev)));
+    cases
 }
 
 fn scalar(x: f32) -> Tensor {
@@ -64,13 +80,15 @@ fn check_against_reference(shape: &[usize], seed: u64, dtype: DType, tol: Tolera
     let logits_ref = logits.to_dtype(DType::F32).unwrap();
     let t = targets(&shape[..shape.len() - 1], v, seed, 5);
     for (divisor, upstream) in [(None, 1.0), (Some(3.0), v as f64)] {
-        let what = format!("{shape:?} {dtype:?} divisor {divisor:?} upstream {upstream}");
-        let (loss, grad) = loss_and_grad(cross_entropy, &logits, &t, divisor, upstream);
         let (loss_ref, grad_ref) = loss_and_grad(cross_entropy_reference, &logits_ref, &t, divisor, upstream);
-        // Both compute the loss in f32 from identical values: only summation order differs.
-        assert_close(&scalar(loss), &scalar(loss_ref), F32_TOL, &format!("loss {what}"));
-        assert_eq!(grad.dtype(), dtype, "gradient dtype {what}");
-        assert_close(&grad, &grad_ref, tol, &format!("gradient {what}"));
+        for dev in test_devices() {
+            let what = format!("{shape:?} {dtype:?} divisor {divisor:?} upstream {upstream} on {:?}", dev.location());
+            let (loss, grad) = loss_and_grad_on(cross_entropy, &logits, &t, divisor, upstream, &dev);
+            // Both compute the loss in f32 from identical values: only summation order differs.
+            assert_close(&scalar(loss), &scalar(loss_ref), F32_TOL, &format!("loss {what}"));
+            assert_eq!(grad.dtype(), dtype, "gradient dtype {what}");
+            assert_close(&grad, &grad_ref, tol, &format!("gradient {what}"));
+        }
     }
 }
 
@@ -78,6 +96,28 @@ fn check_against_reference(shape: &[usize], seed: u64, dtype: DType, tol: Tolera
 fn cross_entropy_loss_and_gradient_match_reference_f32() {
     check_against_reference(&[37, 67], 10, DType::F32, F32_TOL);
     check_against_reference(&[3, 7, 1001], 11, DType::F32, F32_TOL);
+}
+
+#[test]
+fn cross_entropy_gpt2_vocabulary_matches_reference() {
+    // V = 50257: rows far longer than one CUDA block (about 100 logits per thread).
+    check_against_reference(&[2, 3, 50257], 12, DType::F32, F32_TOL);
+    check_against_reference(&[5, 50257], 22, DType::BF16, BF16_TOL);
+}
+
+#[test]
+fn cross_entropy_loss_is_reproducible() {
+    // The same inputs give the bitwise same loss and gradient (the CUDA loss is summed in a fixed
+    // order; the CPU's f64 sum rounds to the same f32 here).
+    let logits = rand(&[37, 1001], 90, 4.0);
+    let t = targets(&[37], 1001, 90, 5);
+    for dev in test_devices() {
+        let (loss1, grad1) = loss_and_grad_on(cross_entropy, &logits, &t, None, 1.0, &dev);
+        let (loss2, grad2) = loss_and_grad_on(cross_entropy, &logits, &t, None, 1.0, &dev);
+        assert_eq!(loss1.to_bits(), loss2.to_bits(), "loss on {:?}", dev.location());
+        let bits = |g: &Tensor| g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&grad1) == bits(&grad2), "gradient on {:?}", dev.location());
+    }
 }
 
 #[test]
@@ -96,15 +136,18 @@ fn cross_entropy_of_uniform_logits_is_log_vocab_size() {
     let (n, v) = (9, 50);
     let logits = Tensor::full(0.3f32, (n, v), &Device::Cpu).unwrap();
     let t = targets(&[n], v, 3, 4);
-    let (loss, grad) = loss_and_grad(cross_entropy, &logits, &t, None, 1.0);
-    assert!((loss - (v as f32).ln()).abs() < 1e-5, "loss {loss}, expected ln {v} = {}", (v as f32).ln());
-    // Row 0 (target not ignored): softmax = 1/V everywhere, minus 1 at the target, over 7 rows.
-    let row0 = grad.get(0).unwrap().to_vec1::<f32>().unwrap();
-    let t0 = t.get(0).unwrap().to_scalar::<u32>().unwrap() as usize;
-    let counted = 7.0; // 9 rows, rows 3 and 7 ignored
-    for (j, g) in row0.iter().enumerate() {
-        let expected = (1.0 / v as f32 - if j == t0 { 1.0 } else { 0.0 }) / counted;
-        assert!((g - expected).abs() < 1e-6, "grad[0][{j}] = {g}, expected {expected}");
+    for dev in test_devices() {
+        let on = format!("on {:?}", dev.location());
+        let (loss, grad) = loss_and_grad_on(cross_entropy, &logits, &t, None, 1.0, &dev);
+        assert!((loss - (v as f32).ln()).abs() < 1e-5, "loss {loss} {on}, expected ln {v} = {}", (v as f32).ln());
+        // Row 0 (target not ignored): softmax = 1/V everywhere, minus 1 at the target, over 7 rows.
+        let row0 = grad.get(0).unwrap().to_vec1::<f32>().unwrap();
+        let t0 = t.get(0).unwrap().to_scalar::<u32>().unwrap() as usize;
+        let counted = 7.0; // 9 rows, rows 3 and 7 ignored
+        for (j, g) in row0.iter().enumerate() {
+            let expected = (1.0 / v as f32 - if j == t0 { 1.0 } else { 0.0 }) / counted;
+            assert!((g - expected).abs() < 1e-6, "grad[0][{j}] = {g} {on}, expected {expected}");
+        }
     }
 }
 
@@ -114,29 +157,31 @@ fn cross_entropy_divisor_divides_the_summed_loss_and_gradient() {
     let t = targets(&[4, 6], 67, 40, 4);
     let counted = t.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().filter(|&&x| x != IGNORE_INDEX).count();
     assert_eq!(counted, 18);
-    for f in [cross_entropy as Loss, cross_entropy_reference] {
-        let (sum, grad_sum) = loss_and_grad(f, &logits, &t, Some(1.0), 1.0);
-        let (mean, grad_mean) = loss_and_grad(f, &logits, &t, None, 1.0);
-        let (div, grad_div) = loss_and_grad(f, &logits, &t, Some(1000.0), 1.0);
-        assert!((mean - sum / counted as f32).abs() < 1e-5 * sum, "default divisor is the counted rows: {mean} vs {sum}/{counted}");
-        assert!((div - sum / 1000.0).abs() < 1e-6 * sum, "explicit divisor: {div} vs {sum}/1000");
-        assert_close(&grad_mean, &(&grad_sum / counted as f64).unwrap(), F32_TOL, "gradient with the default divisor");
-        assert_close(&grad_div, &(&grad_sum / 1000.0).unwrap(), F32_TOL, "gradient with divisor 1000");
+    for (name, f, dev) in ops_and_devices() {
+        let (sum, grad_sum) = loss_and_grad_on(f, &logits, &t, Some(1.0), 1.0, &dev);
+        let (mean, grad_mean) = loss_and_grad_on(f, &logits, &t, None, 1.0, &dev);
+        let (div, grad_div) = loss_and_grad_on(f, &logits, &t, Some(1000.0), 1.0, &dev);
+        assert!((mean - sum / counted as f32).abs() < 1e-5 * sum, "{name}: default divisor is the counted rows: {mean} vs {sum}/{counted}");
+        assert!((div - sum / 1000.0).abs() < 1e-6 * sum, "{name}: explicit divisor: {div} vs {sum}/1000");
+        assert_close(&grad_mean, &(&grad_sum / counted as f64).unwrap(), F32_TOL, &format!("{name}: gradient with the default divisor"));
+        assert_close(&grad_div, &(&grad_sum / 1000.0).unwrap(), F32_TOL, &format!("{name}: gradient with divisor 1000"));
     }
-    let err = cross_entropy(&logits, &t, Some(0.0)).unwrap_err().to_string();
-    assert!(err.contains("divisor") && err.contains('0'), "{err}");
+    for dev in test_devices() {
+        let err = cross_entropy(&logits.to_device(&dev).unwrap(), &t.to_device(&dev).unwrap(), Some(0.0)).unwrap_err().to_string();
+        assert!(err.contains("divisor") && err.contains('0'), "{err}");
+    }
 }
 
 #[test]
 fn cross_entropy_all_ignored_gives_zero_loss_and_zero_gradient() {
     let logits = rand(&[2, 3, 11], 50, 3.0);
     let t = Tensor::full(IGNORE_INDEX, (2, 3), &Device::Cpu).unwrap();
-    for f in [cross_entropy as Loss, cross_entropy_reference] {
+    for (name, f, dev) in ops_and_devices() {
         for divisor in [None, Some(8.0)] {
-            let (loss, grad) = loss_and_grad(f, &logits, &t, divisor, 2.0);
-            assert_eq!(loss, 0.0, "loss with divisor {divisor:?}");
+            let (loss, grad) = loss_and_grad_on(f, &logits, &t, divisor, 2.0, &dev);
+            assert_eq!(loss, 0.0, "{name}: loss with divisor {divisor:?}");
             let max = grad.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(max, 0.0, "gradient with divisor {divisor:?}");
+            assert_eq!(max, 0.0, "{name}: gradient with divisor {divisor:?}");
         }
     }
 }
@@ -145,25 +190,28 @@ fn cross_entropy_all_ignored_gives_zero_loss_and_zero_gradient() {
 fn cross_entropy_rejects_out_of_range_target_naming_row_target_and_vocab() {
     let logits = rand(&[6, 67], 60, 1.0);
     let t = Tensor::new(&[0u32, 66, IGNORE_INDEX, 3, 67, 1], &Device::Cpu).unwrap();
-    for f in [cross_entropy as Loss, cross_entropy_reference] {
+    for (name, f, dev) in ops_and_devices() {
+        let (logits, t) = (logits.to_device(&dev).unwrap(), t.to_device(&dev).unwrap());
         let err = f(&logits, &t, None).and_then(|l| l.to_scalar::<f32>()).unwrap_err().to_string();
-        assert!(err.contains("row 4") && err.contains("target 67") && err.contains("V = 67"), "{err}");
+        assert!(err.contains("row 4") && err.contains("target 67") && err.contains("V = 67"), "{name}: {err}");
     }
 }
 
 #[test]
 fn cross_entropy_rejects_mismatched_shapes_naming_both() {
     let cases: [(&[usize], &[usize]); 4] = [(&[4, 10], &[5]), (&[2, 3, 10], &[3, 2]), (&[2, 3, 10], &[6]), (&[10], &[])];
-    for (ls, ts) in cases {
-        let logits = rand(ls, 70, 1.0);
-        let t = Tensor::zeros(ts, DType::U32, &Device::Cpu).unwrap();
-        for f in [cross_entropy as Loss, cross_entropy_reference] {
+    for (name, f, dev) in ops_and_devices() {
+        for (ls, ts) in cases {
+            let logits = rand(ls, 70, 1.0).to_device(&dev).unwrap();
+            let t = Tensor::zeros(ts, DType::U32, &dev).unwrap();
             let err = f(&logits, &t, None).unwrap_err().to_string();
-            assert!(err.contains(&format!("{ls:?}")) && err.contains(&format!("{ts:?}")), "{err}");
+            assert!(err.contains(&format!("{ls:?}")) && err.contains(&format!("{ts:?}")), "{name}: {err}");
         }
     }
-    let err = cross_entropy(&rand(&[4, 10], 71, 1.0), &Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(), None).unwrap_err().to_string();
-    assert!(err.contains("u32"), "{err}");
+    for dev in test_devices() {
+        let err = cross_entropy(&rand(&[4, 10], 71, 1.0).to_device(&dev).unwrap(), &Tensor::zeros(4, DType::F32, &dev).unwrap(), None).unwrap_err().to_string();
+        assert!(err.contains("u32"), "{err}");
+    }
 }
 
 /// Rough speed of fwd+bwd (run with `-- --ignored --nocapture`).

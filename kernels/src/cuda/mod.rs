@@ -46,9 +46,11 @@ macro_rules! ptx_module {
 ptx_module!(GELU, "gelu");
 ptx_module!(ADAMW, "adamw");
 ptx_module!(CAST, "cast");
+ptx_module!(ATTENTION, "attention");
+ptx_module!(CROSS_ENTROPY, "cross_entropy");
 
 /// Every module, e.g. to check that all of them load on a device.
-pub const ALL_MODULES: &[Module] = &[GELU, ADAMW, CAST];
+pub const ALL_MODULES: &[Module] = &[GELU, ADAMW, CAST, ATTENTION, CROSS_ENTROPY];
 
 /// A kernel function bound to a device's stream (candle's own `CudaFunc` cannot be named outside
 /// candle, so this is the same pair).
