@@ -3,7 +3,7 @@
 //! (training FLOPs as nanoGPT's estimate_mfu). Results go to docs/benchmarks.md by hand, with the
 //! machine, date and command.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kernels::AdamWHyper;
 use models::{AnyConfig, Gpt2Config};
 
@@ -34,6 +34,10 @@ pub struct BenchOptions {
     pub recompute: bool,
     /// f32 matrix products: exact f32, or bf16 inputs with f32 sums (AMX); see kernels::linear.
     pub matmul: kernels::MatmulPrecision,
+    /// "cpu", "cuda" or "cuda:N" (see `train::parse_device`).
+    pub device: String,
+    /// Compute dtype: "f32", "bf16" or "f16" (the engine's `compute_dtype`).
+    pub precision: String,
 }
 
 /// Median of each phase over the timed steps.
@@ -84,12 +88,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
     if opts.world == 0 || batch % opts.world != 0 {
         return Err(format!("--batch {batch} must be a positive multiple of --world {}", opts.world).into());
     }
-    let device = Device::Cpu;
+    let device = crate::train::parse_device(&opts.device)?;
+    let compute_dtype = crate::train::parse_precision(&opts.precision)?;
     let mut rng = SplitMix64::new(42);
     let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect() };
     let (inputs, targets) = (tokens(batch * seq_len), tokens(batch * seq_len));
     let hyper = AdamWHyper { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let options = EngineOptions { stage: ZeroStage::new(opts.stage)?, recompute: opts.recompute, ..EngineOptions::single() };
+    let options = EngineOptions { stage: ZeroStage::new(opts.stage)?, recompute: opts.recompute, compute_dtype, ..EngineOptions::single() };
     let world = opts.world;
     let rows = batch / world;
     let per_rank = run_ranks(world, Duration::from_secs(600), |comm: LocalComm| -> Result<_, BoxError> {
@@ -134,7 +139,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchResult, BoxError> {
 pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
     let pct = |x: f64| 100.0 * x / r.step_s;
     format!(
-        "model {} ({:.1}M params), batch {} x {}, world {}, ZeRO stage {}, recompute {}, matmul {}, {} timed steps after {} warmup, {} threads\n\
+        "model {} ({:.1}M params), batch {} x {}, world {}, ZeRO stage {}, recompute {}, device {}, precision {}, matmul {}, {} timed steps after {} warmup, {} threads\n\
          | phase     | median s | share |\n|-----------|----------|-------|\n\
          | forward   | {:8.3} | {:4.0}% |\n| backward  | {:8.3} | {:4.0}% |\n| optimizer | {:8.3} | {:4.0}% |\n\
          | step      | {:8.3} |  100% |\n\
@@ -146,6 +151,8 @@ pub fn format_table(opts: &BenchOptions, r: &BenchResult) -> String {
         opts.world,
         opts.stage,
         opts.recompute,
+        opts.device,
+        opts.precision,
         crate::train::matmul_label(opts.matmul),
         opts.steps,
         opts.warmup,
@@ -168,13 +175,15 @@ pub fn format_sweep(opts: &BenchOptions, results: &[(u8, bool, BenchResult)]) ->
     let base = results.first().map(|r| r.2.step_s).unwrap_or(f64::NAN);
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let mut out = format!(
-        "model {}, batch {} x {}, world {}, {} timed steps after {} warmup, {} threads\n\
+        "model {}, batch {} x {}, world {}, device {}, precision {}, {} timed steps after {} warmup, {} threads\n\
          | stage | recompute | step s | vs stage 0 | fwd s | bwd s | opt s | rank 0 model state MiB | rank 0 peak gathered MiB |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         opts.preset,
         results.first().map(|r| r.2.batch).unwrap_or(0),
         results.first().map(|r| r.2.seq_len).unwrap_or(0),
         opts.world,
+        opts.device,
+        opts.precision,
         opts.steps,
         opts.warmup,
         rayon::current_num_threads()

@@ -167,6 +167,11 @@ pub struct TrainConfig {
     /// f32, on CPUs with AMX; elsewhere it stays f32). What PyTorch calls
     /// float32_matmul_precision "highest" vs "medium". Default "f32".
     pub matmul_precision: String,
+    /// Where the model trains: "cpu", "cuda" (GPU 0) or "cuda:N" (needs a binary built with
+    /// `--features cuda`; one GPU, so parallel.world_size 1). On a GPU the model, the fp32 master
+    /// weights, AdamW moments and gradients all live on the device; use precision "bf16" there.
+    /// Default "cpu".
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -192,6 +197,7 @@ impl Default for TrainConfig {
             threads: 0,
             precision: "f32".into(),
             matmul_precision: "f32".into(),
+            device: "cpu".into(),
         }
     }
 }
@@ -317,6 +323,18 @@ impl Config {
         if !matches!(t.matmul_precision.as_str(), "f32" | "bf16") {
             return bad("train.matmul_precision", "must be \"f32\" or \"bf16\"");
         }
+        if !valid_device(&t.device) {
+            return bad("train.device", "must be \"cpu\", \"cuda\" or \"cuda:N\"");
+        }
+        if t.device != "cpu" && p.world_size != 1 {
+            return bad(
+                "train.device",
+                &format!(
+                    "{} trains on one GPU (parallel.world_size must be 1, not {}): ZeRO stages across GPUs need the NCCL communicator, not implemented yet",
+                    t.device, p.world_size
+                ),
+            );
+        }
         if !(self.sample.top_p > 0.0 && self.sample.top_p <= 1.0) {
             return bad("sample.top_p", "must be in (0, 1]");
         }
@@ -329,6 +347,14 @@ impl Config {
     /// The resolved configuration as TOML (written next to the run's outputs).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialize config: {e}\n"))
+    }
+}
+
+/// Whether `value` names a device: "cpu", "cuda" or "cuda:N" (opened by `train::parse_device`).
+pub fn valid_device(value: &str) -> bool {
+    match value {
+        "cpu" | "cuda" => true,
+        v => v.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
     }
 }
 

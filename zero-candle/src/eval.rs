@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::engine::{Engine, EngineOptions};
 use crate::model_io;
@@ -49,6 +49,8 @@ pub struct EvalOptions {
     pub batch: usize,
     /// `--text` only: predictions per window (0 = the window the model was trained on).
     pub seq_len: usize,
+    /// "cpu", "cuda" or "cuda:N" (see `train::parse_device`).
+    pub device: String,
 }
 
 /// The result, serialized as the one line `zero-candle eval` prints.
@@ -172,15 +174,16 @@ fn eval_rows(opts: &EvalOptions, loaded: &model_io::LoadedModel) -> Result<Vec<R
     }
 }
 
-/// Load the model folder, run every row through a single-rank f32 engine and return the mean
-/// next-token loss.
+/// Load the model folder, run every row through a single-rank f32 engine on `opts.device` and
+/// return the mean next-token loss.
 pub fn run_eval(opts: &EvalOptions) -> Result<EvalReport, BoxError> {
     if opts.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
+    let device = crate::train::parse_device(&opts.device)?;
     let loaded = model_io::load_model_folder(&opts.model)?;
     let rows = eval_rows(opts, &loaded)?;
-    let mut engine = Engine::new(loaded.config.build()?, single_rank()?, 0, Device::Cpu, EngineOptions::single())?;
+    let mut engine = Engine::new(loaded.config.build()?, single_rank()?, 0, device.clone(), EngineOptions::single())?;
     engine.load_parameters(&loaded.params).map_err(|e| format!("{}: {e}", opts.model.display()))?;
 
     let start = Instant::now();
@@ -196,8 +199,8 @@ pub fn run_eval(opts: &EvalOptions) -> Result<EvalReport, BoxError> {
             targets.resize(targets.len() + t - y.len(), kernels::IGNORE_INDEX);
             count += y.len();
         }
-        let inputs = Tensor::from_vec(inputs, (chunk.len(), t), &Device::Cpu)?;
-        let targets = Tensor::from_vec(targets, (chunk.len(), t), &Device::Cpu)?;
+        let inputs = Tensor::from_vec(inputs, (chunk.len(), t), &device)?;
+        let targets = Tensor::from_vec(targets, (chunk.len(), t), &device)?;
         let logits = engine.logits(&inputs)?;
         let sum = kernels::cross_entropy(&logits, &targets, Some(1.0))?;
         loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -36,6 +36,9 @@ enum Command {
         /// ZeRO stage 0-3; same as --set parallel.zero_stage=S.
         #[arg(long)]
         zero_stage: Option<u8>,
+        /// cpu, cuda or cuda:N; same as --set train.device=... (use with --set train.precision=bf16).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Fine-tune a model folder (Hugging Face GPT-2 or Llama, e.g. from convert-gguf) on text:
     /// `train` with model.init_from and data.sources set, and fine-tuning defaults (lr 1e-4,
@@ -58,6 +61,9 @@ enum Command {
         world: Option<usize>,
         #[arg(long)]
         zero_stage: Option<u8>,
+        /// cpu, cuda or cuda:N; same as --set train.device=...
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Tokenize text files into train/val token shards.
     Prepare {
@@ -117,6 +123,9 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
+        /// cpu, cuda or cuda:N (CUDA needs a binary built with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Mean next-token loss and perplexity of a model folder on a text or token file (one JSON line).
     Eval {
@@ -135,6 +144,9 @@ enum Command {
         /// --text: predictions per window (0 = the window the model was trained on).
         #[arg(long, default_value_t = 0)]
         seq_len: usize,
+        /// cpu, cuda or cuda:N (CUDA needs a binary built with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Model-state bytes per rank for ZeRO stages 0-3 (from a parameter count or a preset's layout).
     Estimate {
@@ -189,19 +201,26 @@ enum Command {
         /// f32 matrix products: "f32" (exact) or "bf16" (bf16 inputs, f32 sums, on AMX CPUs).
         #[arg(long, default_value = "f32")]
         matmul: String,
+        /// cpu, cuda or cuda:N (CUDA needs a binary built with --features cuda; world 1).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute dtype: f32, bf16 (what a GPU run wants) or f16 (loss scaling).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
 }
 
 fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
-        Command::Train { config, mut overrides, resume, world, zero_stage } => {
+        Command::Train { config, mut overrides, resume, world, zero_stage, device } => {
             overrides.extend(resume.map(|r| format!("checkpoint.resume={}", toml::Value::String(r))));
+            overrides.extend(device.map(|d| format!("train.device={}", toml::Value::String(d))));
             overrides.extend(world.map(|n| format!("parallel.world_size={n}")));
             overrides.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
             let cfg = Config::load(config.as_deref(), &overrides)?;
             run_training(&cfg)?;
         }
-        Command::Finetune { model, data, config, overrides, resume, world, zero_stage } => {
+        Command::Finetune { model, data, config, overrides, resume, world, zero_stage, device } => {
             let quote = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
             let defaults: Vec<String> = ["train.lr=1e-4", "train.min_lr=1e-5", "train.warmup_steps=20", "train.max_steps=200", "train.out_dir=\"runs/finetune\""]
                 .iter()
@@ -215,6 +234,7 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             set.extend(resume.map(|r| format!("checkpoint.resume={}", toml::Value::String(r))));
             set.extend(world.map(|n| format!("parallel.world_size={n}")));
             set.extend(zero_stage.map(|s| format!("parallel.zero_stage={s}")));
+            set.extend(device.map(|d| format!("train.device={}", toml::Value::String(d))));
             let cfg = Config::load_with_defaults(config.as_deref(), &defaults, &set)?;
             run_training(&cfg)?;
         }
@@ -242,7 +262,7 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             let summary = zero_candle::gguf::convert_gguf(&gguf, &out, dtype)?;
             println!("{}", summary.line(&gguf));
         }
-        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, top_p, seed } => {
+        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
             init_compute_threads(0);
             let cfg = SampleConfig { prompt: prompt.clone(), max_new_tokens, temperature, top_k, top_p };
             if temperature < 0.0 {
@@ -251,13 +271,14 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             if !(top_p > 0.0 && top_p <= 1.0) {
                 return Err("--top-p must be in (0, 1]".into());
             }
-            let text = run_sample(&model, &cfg, seed)?;
+            let device = zero_candle::train::parse_device(&device)?;
+            let text = run_sample(&model, &cfg, seed, &device)?;
             println!("{prompt}{text}");
         }
-        Command::Eval { model, text, tokens, batch, seq_len } => {
+        Command::Eval { model, text, tokens, batch, seq_len, device } => {
             init_compute_threads(0);
             let input = zero_candle::eval::EvalInput::from_args(text, tokens)?;
-            let report = zero_candle::eval::run_eval(&zero_candle::eval::EvalOptions { model, input, batch, seq_len })?;
+            let report = zero_candle::eval::run_eval(&zero_candle::eval::EvalOptions { model, input, batch, seq_len, device })?;
             println!("{}", report.to_json());
         }
         Command::Estimate { params, model, vocab, world } => {
@@ -271,13 +292,13 @@ fn run(cli: Cli) -> Result<(), BoxError> {
             };
             print!("{}", format_estimate(&sizes, world, &what));
         }
-        Command::Bench { model, from, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages, matmul } => {
+        Command::Bench { model, from, batch, seq_len, vocab, steps, warmup, threads, world, zero_stage, recompute, sweep_stages, matmul, device, precision } => {
             let matmul = zero_candle::train::parse_matmul(&matmul)?;
             init_compute_threads(threads);
             if steps == 0 {
                 return Err("--steps must be at least 1".into());
             }
-            let opts = BenchOptions { preset: from.as_ref().map_or(model, |f| f.display().to_string()), from, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute, matmul };
+            let opts = BenchOptions { preset: from.as_ref().map_or(model, |f| f.display().to_string()), from, batch, seq_len, vocab, steps, warmup, world, stage: zero_stage, recompute, matmul, device, precision };
             if sweep_stages {
                 let mut results = Vec::new();
                 for (stage, recompute) in [(0, false), (1, false), (2, false), (3, false), (3, true)] {

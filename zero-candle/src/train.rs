@@ -183,6 +183,37 @@ pub fn parse_matmul(value: &str) -> Result<kernels::MatmulPrecision, BoxError> {
     }
 }
 
+/// `train.device` / `--device`: "cpu", "cuda" (GPU 0) or "cuda:N", opened. A binary built without
+/// the `cuda` feature says how to rebuild; a GPU that does not open gives the driver's error.
+pub fn parse_device(value: &str) -> Result<Device, BoxError> {
+    if !crate::config::valid_device(value) {
+        return Err(format!("device {value:?}: expected \"cpu\", \"cuda\" or \"cuda:N\"").into());
+    }
+    if value == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal: usize = value.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|e| format!("device {value:?}: {e}"))?;
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "device {value}: this zero-candle was built without --features cuda: rebuild with \
+             `bash scripts/setup-cuda.sh && source .cuda/env.sh && cargo build --release --features cuda,nccl` \
+             (or use --device cpu)"
+        )
+        .into());
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("device {value}: CUDA device {ordinal} does not open: {e}").into())
+}
+
+/// The compute dtype named by `train.precision` / `bench --precision` ("f32", "bf16", "f16").
+pub fn parse_precision(value: &str) -> Result<DType, BoxError> {
+    match value {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!("precision {other:?}: expected \"f32\", \"bf16\" or \"f16\"").into()),
+    }
+}
+
 /// What the matmul precision does on this machine, for logs and bench tables.
 pub fn matmul_label(precision: kernels::MatmulPrecision) -> &'static str {
     match precision {
@@ -195,11 +226,7 @@ pub fn matmul_label(precision: kernels::MatmulPrecision) -> &'static str {
 /// Engine options from the config.
 pub fn engine_options(cfg: &Config) -> Result<EngineOptions, BoxError> {
     let stage = ZeroStage::new(cfg.parallel.zero_stage)?;
-    let compute_dtype = match cfg.train.precision.as_str() {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
+    let compute_dtype = parse_precision(&cfg.train.precision)?;
     let grad_dtype = if cfg.parallel.grad_dtype == "bf16" { GradDtype::Bf16 } else { GradDtype::F32 };
     Ok(EngineOptions { stage, recompute: cfg.parallel.recompute.unwrap_or(stage.get() == 3), compute_dtype, grad_dtype })
 }
@@ -208,6 +235,11 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     crate::cpu::init_compute_threads(cfg.train.threads);
     kernels::set_matmul_precision(parse_matmul(&cfg.train.matmul_precision)?);
     crate::signals::install();
+    // The device opens first: a missing GPU or a CPU-only binary fails before any data work.
+    let device = parse_device(&cfg.train.device).map_err(|e| format!("train.device: {e}"))?;
+    if !device.is_cpu() && cfg.parallel.world_size != 1 {
+        return Err(format!("train.device {}: one GPU per run for now (parallel.world_size must be 1)", cfg.train.device).into());
+    }
     let out_dir = &cfg.train.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create train.out_dir {}: {e}", out_dir.display()))?;
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())
@@ -233,7 +265,7 @@ pub fn run_training(cfg: &Config) -> Result<RunSummary, BoxError> {
     // Read once, shared by the rank threads, and dropped as soon as every rank has copied its range.
     let init_config = init.as_ref().map(|l| l.config.clone());
     let init = std::sync::RwLock::new(init);
-    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, init_config.as_ref(), &init, comm))
+    let mut results = crate::comm::run_ranks(cfg.parallel.world_size, timeout, |comm| train_rank(cfg, &data, init_config.as_ref(), &init, &device, comm))
         .map_err(|e| -> BoxError { e.to_string().into() })?;
     match results.first_mut().and_then(Option::take) {
         Some(summary) => Ok(summary),
@@ -247,6 +279,7 @@ fn train_rank(
     data: &RunData,
     init_config: Option<&AnyConfig>,
     init: &std::sync::RwLock<Option<model_io::LoadedModel>>,
+    device: &Device,
     comm: LocalComm,
 ) -> Result<Option<RunSummary>, BoxError> {
     let t = &cfg.train;
@@ -263,7 +296,7 @@ fn train_rank(
     }
     // Every rank draws the same global batches and keeps its rows of each.
     let mut loader = data.loader(t.batch_size, seq_len, t.seed)?;
-    let device = Device::Cpu;
+    let device = device.clone();
     let val_batches: Vec<MicroBatch> = data
         .val_batches(t.batch_size, seq_len, t.eval_batches)?
         .into_iter()
@@ -323,8 +356,8 @@ fn train_rank(
             rayon::current_num_threads()
         );
         println!(
-            "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}, matmul {}",
-            options.stage, options.recompute, t.precision, matmul_label(kernels::matmul_precision())
+            "parallel: world {world}, ZeRO stage {}, recompute {}, precision {}, matmul {}, device {}",
+            options.stage, options.recompute, t.precision, matmul_label(kernels::matmul_precision()), t.device
         );
         if let Some((dir, saved_world, saved_stage)) = &resume_from {
             println!("resumed from {} (saved at world {saved_world}, stage {saved_stage}); continuing at step {first_step}", dir.display());
@@ -336,7 +369,7 @@ fn train_rank(
             "event": "start", "num_params": engine.num_params(), "tokens_per_step": tokens_per_step,
             "model": model_cfg, "threads": rayon::current_num_threads(), "world_size": world,
             "zero_stage": options.stage.get(), "recompute": options.recompute, "precision": t.precision,
-            "matmul_precision": matmul_label(kernels::matmul_precision()),
+            "matmul_precision": matmul_label(kernels::matmul_precision()), "device": t.device,
         }))?;
     }
 
@@ -502,7 +535,7 @@ pub fn sample_text<M: models::BlockModel, C: Comm>(
 
 /// `zero-candle sample` / `generate`: load a model folder, or a training checkpoint folder (any
 /// world size and stage), and continue a prompt. Prints tokens/s to stderr.
-pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64) -> Result<String, BoxError> {
+pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64, device: &Device) -> Result<String, BoxError> {
     let model_dir = &model_io::resolve_model_path(model_dir)?;
     let (config, params, tokenizer, window) = if model_dir.join("manifest.json").is_file() {
         let manifest = checkpoint::read_manifest(model_dir)?;
@@ -515,7 +548,7 @@ pub fn run_sample(model_dir: &Path, cfg: &crate::config::SampleConfig, seed: u64
         let window = loaded.train_seq_len.min(loaded.config.context());
         (loaded.config, loaded.params, loaded.tokenizer, window)
     };
-    let mut engine = Engine::new(config.build()?, single_rank()?, seed, Device::Cpu, EngineOptions::single())?;
+    let mut engine = Engine::new(config.build()?, single_rank()?, seed, device.clone(), EngineOptions::single())?;
     engine.load_parameters(&params).map_err(|e| format!("{}: {e}", model_dir.display()))?;
     let start = Instant::now();
     let text = sample_text(&mut engine, &tokenizer, cfg, window, seed)?;
