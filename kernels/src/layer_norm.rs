@@ -7,11 +7,19 @@
 //! The backward recomputes mean and 1/std from `x` instead of saving them: a row is already in
 //! cache when its gradient is computed, and nothing extra has to live between forward and backward.
 //! `layer_norm_reference` is the spec, composed from differentiable candle ops.
+//!
+//! With the `cuda` feature both passes also run on CUDA tensors (`src/cuda/layer_norm.cu`, same
+//! formulas): the backward is its own `CustomOp3` (`LayerNormBackward`, applied without a graph node,
+//! returning `[dx | dweight | dbias]` in one buffer), so `bwd` is the same code on every device.
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat, PushKernelArg, WrapErr};
 use crate::util::sum_lanes;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Elements per rayon task: big enough to amortize scheduling, small enough to load-balance rows.
@@ -20,7 +28,8 @@ use rayon::prelude::*;
 const TASK_ELEMS: usize = 16 * 1024;
 
 /// LayerNorm of `x` (shape `(..., C)`) with `weight` and `bias` of shape `(C)`, all of one dtype
-/// (f32, bf16 or f16; arithmetic in f32). Differentiable in all three inputs; CPU only.
+/// (f32, bf16 or f16; arithmetic in f32). Differentiable in all three inputs; CPU, and CUDA with the
+/// `cuda` feature.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_args(x, weight, bias)?;
     // The kernels index rows directly, so strided views are copied first (differentiably).
@@ -88,6 +97,20 @@ pub(crate) struct LayerNorm {
     pub(crate) eps: f32,
 }
 
+/// C (the normalized size) when x's last dimension, weight and bias agree on it.
+fn agree_on_c(xl: &Layout, wl: &Layout, bl: &Layout) -> Result<usize> {
+    let c = *xl.dims().last().unwrap_or(&0);
+    if c == 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+        bail!(
+            "layer_norm: x {:?}, weight {:?} and bias {:?} do not agree on C",
+            xl.dims(),
+            wl.dims(),
+            bl.dims()
+        );
+    }
+    Ok(c)
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "layer_norm"
@@ -102,15 +125,7 @@ impl CustomOp3 for LayerNorm {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c = *xl.dims().last().unwrap_or(&0);
-        if c == 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            bail!(
-                "layer_norm: x {:?}, weight {:?} and bias {:?} do not agree on C",
-                xl.dims(),
-                wl.dims(),
-                bl.dims()
-            );
-        }
+        let c = agree_on_c(xl, wl, bl)?;
         let op = "layer_norm";
         let eps = self.eps;
         let out = match (xs, ws, bs) {
@@ -141,6 +156,68 @@ impl CustomOp3 for LayerNorm {
         Ok((out, xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let c = agree_on_c(xl, wl, bl)?;
+        let op = "layer_norm";
+        if ws.dtype() != xs.dtype() || bs.dtype() != xs.dtype() {
+            bail!("layer_norm: unsupported dtypes x {:?}, weight {:?}, bias {:?} (expected all f32, bf16 or f16)",
+                xs.dtype(), ws.dtype(), bs.dtype());
+        }
+        let eps = self.eps;
+        fn run<T: CudaFloat>(
+            (xs, xl): (&CudaStorage, &Layout),
+            (ws, wl): (&CudaStorage, &Layout),
+            (bs, bl): (&CudaStorage, &Layout),
+            c: usize,
+            eps: f32,
+        ) -> Result<CudaStorage> {
+            let op = "layer_norm";
+            let dev = xs.device();
+            let (x, w, b) = (
+                cuda::view::<T>(xs, xl, op)?,
+                cuda::view::<T>(ws, wl, op)?,
+                cuda::view::<T>(bs, bl, op)?,
+            );
+            let n = x.len();
+            let rows = n / c;
+            let mut y = unsafe { dev.alloc::<T>(n) }?;
+            if rows > 0 {
+                let k = cuda::kernel(
+                    dev,
+                    cuda::LAYER_NORM,
+                    &format!("layer_norm_fwd_{}", T::SUFFIX),
+                )?;
+                let mut args = k.builder();
+                args.arg(&x)
+                    .arg(&w)
+                    .arg(&b)
+                    .arg(&mut y)
+                    .arg(&rows)
+                    .arg(&c)
+                    .arg(&eps);
+                unsafe { args.launch(cuda::rows_config(rows, gpu::row_threads(c), 0)?) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+        let args = ((xs, xl), (ws, wl), (bs, bl));
+        let out = match xs.dtype() {
+            DType::F32 => run::<f32>(args.0, args.1, args.2, c, eps)?,
+            DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, c, eps)?,
+            DType::F16 => run::<half::f16>(args.0, args.1, args.2, c, eps)?,
+            other => bail!("{op}: unsupported dtypes x {other:?}, weight {other:?}, bias {other:?} (expected all f32, bf16 or f16)"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -149,66 +226,207 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = weight.elem_count();
+        let (n, c) = (x.elem_count(), weight.elem_count());
         // The upstream gradient may be a strided view (e.g. after a transpose); the kernel reads rows.
         let grad = grad_res.contiguous()?;
-        let (dx, dw, db) = {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = weight.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
-                bail!(
-                    "layer_norm backward: only CPU tensors are supported, x is on {:?}",
-                    x.device().location()
-                )
-            };
-            let op = "layer_norm backward";
-            let eps = self.eps;
-            match (xs, ws, gs) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => to_tensors(backward(
-                    contiguous_slice(x, xl, op)?,
-                    contiguous_slice(w, wl, op)?,
-                    contiguous_slice(g, gl, op)?,
-                    c,
-                    eps,
-                ))?,
-                (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => to_tensors(backward(
-                    contiguous_slice(x, xl, op)?,
-                    contiguous_slice(w, wl, op)?,
-                    contiguous_slice(g, gl, op)?,
-                    c,
-                    eps,
-                ))?,
-                (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => to_tensors(backward(
-                    contiguous_slice(x, xl, op)?,
-                    contiguous_slice(w, wl, op)?,
-                    contiguous_slice(g, gl, op)?,
-                    c,
-                    eps,
-                ))?,
-                _ => bail!("layer_norm backward: unsupported dtypes x {:?}, weight {:?}, grad {:?} (expected all f32, bf16 or f16)",
-                    xs.dtype(), ws.dtype(), gs.dtype()),
-            }
-        };
-        Ok((
-            Some(dx.reshape(x.shape())?),
-            Some(dw),
-            Some(db.reshape(bias.shape())?),
-        ))
+        // One buffer [dx (n) | dweight (c) | dbias (c)], on whatever device x is on.
+        let packed = x.apply_op3_no_bwd(weight, &grad, &LayerNormBackward { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        // Copied out, so that holding the small gradients does not keep the dx-sized buffer alive.
+        let dw = packed.narrow(0, n, c)?.force_contiguous()?;
+        let db = packed
+            .narrow(0, n + c, c)?
+            .force_contiguous()?
+            .reshape(bias.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// Wrap the backward kernel's vectors as flat CPU tensors.
-fn to_tensors<T: KernelFloat>(
-    (dx, dw, db): (Vec<T>, Vec<T>, Vec<T>),
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let dev = candle_core::Device::Cpu;
-    let (n, c) = (dx.len(), dw.len());
-    Ok((
-        Tensor::from_vec(dx, n, &dev)?,
-        Tensor::from_vec(dw, c, &dev)?,
-        Tensor::from_vec(db, c, &dev)?,
-    ))
+/// The backward pass as an op of its own (inputs x, weight, dy; no graph node): one flat output
+/// `[dx | dweight | dbias]` of `n + 2C` elements, since a custom op returns a single storage.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+/// C when x's last dimension and weight agree on it and dy has as many elements as x.
+fn backward_c(xl: &Layout, wl: &Layout, gl: &Layout) -> Result<usize> {
+    let c = *xl.dims().last().unwrap_or(&0);
+    if c == 0 || wl.shape().elem_count() != c || gl.shape().elem_count() != xl.shape().elem_count()
+    {
+        bail!(
+            "layer_norm backward: x {:?}, weight {:?} and grad {:?} do not agree",
+            xl.dims(),
+            wl.dims(),
+            gl.dims()
+        );
+    }
+    Ok(c)
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer_norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = backward_c(xl, wl, gl)?;
+        let op = "layer_norm backward";
+        let eps = self.eps;
+        let out = match (xs, ws, gs) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(backward(
+                contiguous_slice(x, xl, op)?,
+                contiguous_slice(w, wl, op)?,
+                contiguous_slice(g, gl, op)?,
+                c,
+                eps,
+            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => CpuStorage::BF16(backward(
+                contiguous_slice(x, xl, op)?,
+                contiguous_slice(w, wl, op)?,
+                contiguous_slice(g, gl, op)?,
+                c,
+                eps,
+            )),
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => CpuStorage::F16(backward(
+                contiguous_slice(x, xl, op)?,
+                contiguous_slice(w, wl, op)?,
+                contiguous_slice(g, gl, op)?,
+                c,
+                eps,
+            )),
+            _ => bail!("layer_norm backward: unsupported dtypes x {:?}, weight {:?}, grad {:?} (expected all f32, bf16 or f16)",
+                xs.dtype(), ws.dtype(), gs.dtype()),
+        };
+        Ok((out, Shape::from(xl.shape().elem_count() + 2 * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let c = backward_c(xl, wl, gl)?;
+        let op = "layer_norm backward";
+        if ws.dtype() != xs.dtype() || gs.dtype() != xs.dtype() {
+            bail!("{op}: unsupported dtypes x {:?}, weight {:?}, grad {:?} (expected all f32, bf16 or f16)",
+                xs.dtype(), ws.dtype(), gs.dtype());
+        }
+        let eps = self.eps;
+        fn run<T: CudaFloat>(
+            (xs, xl): (&CudaStorage, &Layout),
+            (ws, wl): (&CudaStorage, &Layout),
+            (gs, gl): (&CudaStorage, &Layout),
+            c: usize,
+            eps: f32,
+        ) -> Result<CudaStorage> {
+            let op = "layer_norm backward";
+            let dev = xs.device();
+            let (x, w, dy) = (
+                cuda::view::<T>(xs, xl, op)?,
+                cuda::view::<T>(ws, wl, op)?,
+                cuda::view::<T>(gs, gl, op)?,
+            );
+            let n = x.len();
+            let rows = n / c;
+            // Per-block partial sums of dweight and dbias (2C floats per block), then a reduction
+            // over the blocks in a fixed order: deterministic, no atomics.
+            let blocks = rows.clamp(1, gpu::BWD_MAX_BLOCKS);
+            let acc_bytes = 2 * c * std::mem::size_of::<f32>();
+            let acc_in_shared = u32::from(acc_bytes <= gpu::SHARED_ACC_BYTES);
+            let shared_bytes = if acc_in_shared == 1 {
+                acc_bytes as u32
+            } else {
+                0
+            };
+            let mut partial = unsafe { dev.alloc::<f32>(blocks * 2 * c) }?;
+            let mut out = unsafe { dev.alloc::<T>(n + 2 * c) }?;
+            {
+                let (mut dx, mut grads) = out.split_at_mut(n);
+                let (mut dw, mut db) = grads.split_at_mut(c);
+                {
+                    let k = cuda::kernel(
+                        dev,
+                        cuda::LAYER_NORM,
+                        &format!("layer_norm_bwd_{}", T::SUFFIX),
+                    )?;
+                    let mut args = k.builder();
+                    args.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&mut partial);
+                    args.arg(&rows).arg(&c).arg(&eps).arg(&acc_in_shared);
+                    let cfg = cuda::rows_config(blocks, gpu::row_threads(c), shared_bytes)?;
+                    unsafe { args.launch(cfg) }.w()?;
+                }
+                {
+                    let k = cuda::kernel(
+                        dev,
+                        cuda::LAYER_NORM,
+                        &format!("layer_norm_bwd_reduce_{}", T::SUFFIX),
+                    )?;
+                    let mut args = k.builder();
+                    args.arg(&partial)
+                        .arg(&blocks)
+                        .arg(&c)
+                        .arg(&mut dw)
+                        .arg(&mut db);
+                    unsafe { args.launch(gpu::reduce_config(2 * c)?) }.w()?;
+                }
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let args = ((xs, xl), (ws, wl), (gs, gl));
+        let out = match xs.dtype() {
+            DType::F32 => run::<f32>(args.0, args.1, args.2, c, eps)?,
+            DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, c, eps)?,
+            DType::F16 => run::<half::f16>(args.0, args.1, args.2, c, eps)?,
+            other => bail!("{op}: unsupported dtypes x {other:?}, weight {other:?}, grad {other:?} (expected all f32, bf16 or f16)"),
+        };
+        Ok((out, Shape::from(xl.shape().elem_count() + 2 * c)))
+    }
+}
+
+/// Launch shapes of `src/cuda/layer_norm.cu`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::cuda::LaunchConfig;
+    use candle_core::{bail, Result};
+
+    /// Row blocks of the backward kernel at most (rows are spread over them, each keeps its own
+    /// dweight/dbias partial sums): about four per H100 SM. A constant, so that the summation order,
+    /// hence the result, is the same on every GPU.
+    pub(super) const BWD_MAX_BLOCKS: usize = 512;
+    /// The backward's partial sums live in shared memory up to this size (C <= 4096), else in its
+    /// global partial buffer (the 48 KiB a block gets without opting in, less the static arrays).
+    pub(super) const SHARED_ACC_BYTES: usize = 32 * 1024;
+
+    /// Threads per row block: a multiple of 32 (the block reductions shuffle full warps), 32..=256.
+    pub(super) fn row_threads(c: usize) -> u32 {
+        (c.div_ceil(32) * 32).clamp(32, 256) as u32
+    }
+
+    /// The column reduction of the partial sums: 32 columns per block, 32 threads down the blocks.
+    pub(super) fn reduce_config(width: usize) -> Result<LaunchConfig> {
+        let tiles = width.div_ceil(32);
+        if tiles > i32::MAX as usize {
+            bail!("layer_norm backward: {width} columns are more than one grid dimension holds");
+        }
+        Ok(LaunchConfig {
+            grid_dim: (tiles.max(1) as u32, 1, 1),
+            block_dim: (32, 32, 1),
+            shared_mem_bytes: 0,
+        })
+    }
 }
 
 /// Rows per rayon task (at least one).
@@ -248,18 +466,13 @@ fn forward<T: KernelFloat>(x: &[T], w: &[T], b: &[T], c: usize, eps: f32) -> Vec
     y
 }
 
-/// Returns (dx, dweight, dbias). With xhat = (x - mean) * rstd and dxhat = dy * w:
+/// Returns [dx | dweight | dbias] in one vector. With xhat = (x - mean) * rstd and dxhat = dy * w:
 /// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)); dw = sum_rows dy * xhat;
 /// db = sum_rows dy. dw/db are summed per task, then the partials are added in task order.
-fn backward<T: KernelFloat>(
-    x: &[T],
-    w: &[T],
-    dy: &[T],
-    c: usize,
-    eps: f32,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], c: usize, eps: f32) -> Vec<T> {
     let w: Vec<f32> = w.iter().map(|v| v.widen()).collect();
-    let mut dx = vec![T::narrow(0.0); x.len()];
+    let mut out = vec![T::narrow(0.0); x.len() + 2 * c];
+    let (dx, grads) = out.split_at_mut(x.len());
     let chunk = rows_per_task(c) * c;
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(chunk)
@@ -308,7 +521,9 @@ fn backward<T: KernelFloat>(
             *t += v;
         }
     }
-    let dw = total[..c].iter().map(|&v| T::narrow(v)).collect();
-    let db = total[c..].iter().map(|&v| T::narrow(v)).collect();
-    (dx, dw, db)
+    // dweight then dbias, as in `total`.
+    for (o, &v) in grads.iter_mut().zip(&total) {
+        *o = T::narrow(v);
+    }
+    out
 }

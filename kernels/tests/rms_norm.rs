@@ -1,11 +1,13 @@
 //! Tests for `kernels::rms_norm` (Llama's RMSNorm): the reference against hand-computed values and
 //! central finite differences (f64), then the fused CustomOp's forward and both gradients against
 //! the reference in f32, bf16 and f16 at odd sizes (including sizes that split into several rayon
-//! tasks with a ragged last one), a strided input, argument errors and an ignored timing.
+//! tasks with a ragged last one), a strided input, argument errors and an ignored timing. The
+//! fast-path tests run on every device of `kernels::testing::test_devices()` (the CPU, and CUDA with
+//! `--features cuda` on a GPU machine), always against the CPU reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kernels::testing::{
-    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+    assert_close, closeness, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL,
 };
 use kernels::{rms_norm, rms_norm_reference};
 
@@ -51,23 +53,49 @@ fn inputs(dims: &[usize], seed: u64, dtype: DType) -> [Tensor; 3] {
     .map(|t| t.to_dtype(dtype).unwrap())
 }
 
-/// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
+/// Fast path in `dtype` on every test device against the f32 CPU reference on the same (rounded)
+/// inputs. The sizes cover a ragged last rayon task (CPU), rows shorter than a warp, C not a multiple
+/// of the block size, more rows than the CUDA backward has row blocks (1500 > 512), and C past what
+/// its shared-memory accumulators hold (8500 > 8192).
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![301, 129], vec![1, 1]]
+    for dev in test_devices() {
+        for (i, dims) in [
+            vec![37, 77],
+            vec![3, 7, 129],
+            vec![301, 129],
+            vec![1, 1],
+            vec![1500, 5],
+            vec![2, 1000],
+            vec![3, 8500],
+        ]
         .iter()
         .enumerate()
-    {
-        let ins = inputs(dims, 10 * i as u64, dtype);
-        let fast = forward_and_grads(&rms_norm, &ins[0], &ins[1], &ins[2]);
-        let f32_ins = ins.clone().map(|t| t.to_dtype(DType::F32).unwrap());
-        let reference =
-            forward_and_grads(&rms_norm_reference, &f32_ins[0], &f32_ins[1], &f32_ins[2]);
-        for (name, (a, e)) in ["y", "dx", "dweight"]
-            .iter()
-            .zip(fast.iter().zip(&reference))
         {
-            assert_eq!(a.dtype(), dtype, "{name} dtype");
-            assert_close(a, e, tol, &format!("rms_norm {name} {dtype:?} {dims:?}"));
+            let ins = inputs(dims, 10 * i as u64, dtype);
+            let on_dev = ins.clone().map(|t| t.to_device(&dev).unwrap());
+            let fast = forward_and_grads(&rms_norm, &on_dev[0], &on_dev[1], &on_dev[2]);
+            let f32_ins = ins.clone().map(|t| t.to_dtype(DType::F32).unwrap());
+            let reference =
+                forward_and_grads(&rms_norm_reference, &f32_ins[0], &f32_ins[1], &f32_ins[2]);
+            for (name, (a, e)) in ["y", "dx", "dweight"]
+                .iter()
+                .zip(fast.iter().zip(&reference))
+            {
+                assert_eq!(a.dtype(), dtype, "{name} dtype");
+                assert!(
+                    a.device().same_device(&dev),
+                    "{name} on {:?}",
+                    a.device().location()
+                );
+                assert_eq!(a.dims(), e.dims(), "{name} shape");
+                let a = a.to_device(&Device::Cpu).unwrap();
+                assert_close(
+                    &a,
+                    e,
+                    tol,
+                    &format!("rms_norm {name} {dtype:?} {dims:?} on {:?}", dev.location()),
+                );
+            }
         }
     }
 }
@@ -87,12 +115,18 @@ fn rms_norm_reference_and_fast_path_match_hand_computed_values() {
         F32_TOL,
         "rms_norm_reference",
     );
-    assert_close(
-        &rms_norm(&x, &w, eps).unwrap(),
-        &expected,
-        F32_TOL,
-        "rms_norm",
-    );
+    for dev in test_devices() {
+        let [x, w] = [&x, &w].map(|t| t.to_device(&dev).unwrap());
+        assert_close(
+            &rms_norm(&x, &w, eps)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap(),
+            &expected,
+            F32_TOL,
+            &format!("rms_norm on {:?}", dev.location()),
+        );
+    }
 }
 
 #[test]
@@ -141,14 +175,23 @@ fn rms_norm_accepts_strided_input() {
         .unwrap();
     let [_, w, g] = inputs(&[37, 77], 8, DType::F32);
     let via_t = |f: RmsFn| move |x: &Tensor, w: &Tensor, eps: f64| f(&x.t()?, w, eps);
-    let fast = forward_and_grads(&via_t(rms_norm), &x, &w, &g);
     let reference = forward_and_grads(&via_t(rms_norm_reference), &x, &w, &g);
-    assert_eq!(fast[1].dims(), [77, 37]);
-    for (name, (a, e)) in ["y", "dx", "dweight"]
-        .iter()
-        .zip(fast.iter().zip(&reference))
-    {
-        assert_close(a, e, F32_TOL, &format!("strided rms_norm {name}"));
+    for dev in test_devices() {
+        let [x, w, g] = [&x, &w, &g].map(|t| t.to_device(&dev).unwrap());
+        let fast = forward_and_grads(&via_t(rms_norm), &x, &w, &g);
+        assert_eq!(fast[1].dims(), [77, 37]);
+        for (name, (a, e)) in ["y", "dx", "dweight"]
+            .iter()
+            .zip(fast.iter().zip(&reference))
+        {
+            let a = a.to_device(&Device::Cpu).unwrap();
+            assert_close(
+                &a,
+                e,
+                F32_TOL,
+                &format!("strided rms_norm {name} on {:?}", dev.location()),
+            );
+        }
     }
 }
 
@@ -184,6 +227,16 @@ fn rms_norm_rejects_mismatched_shapes_dtypes_and_eps() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("rms_norm") && err.contains("F64"), "{err}");
+    // The same f64 rejection from every device's kernel (the CPU one above included).
+    for dev in test_devices() {
+        let [x, w] = [&x, &w].map(|t| t.to_dtype(DType::F64).unwrap().to_device(&dev).unwrap());
+        let err = rms_norm(&x, &w, EPS).unwrap_err().to_string();
+        assert!(
+            err.contains("rms_norm") && err.contains("F64"),
+            "{err} on {:?}",
+            dev.location()
+        );
+    }
 }
 
 /// `cargo test --release -p kernels --test rms_norm -- --ignored --nocapture`
