@@ -403,7 +403,7 @@ mod simd {
 /// so no zeroing); a re-entrant call or one above the cap gets fresh buffers.
 fn with_pack_buffers<R>(len_a: usize, len_b: usize, f: impl FnOnce(&mut [u16], &mut [u16]) -> R) -> R {
     use std::cell::RefCell;
-    const CACHE_CAP: usize = 8 << 20; // elements per buffer (16 MiB)
+    const CACHE_CAP: usize = 2 * PACK_LIMIT; // elements per buffer (padding included)
     thread_local! {
         static BUFFERS: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
@@ -469,6 +469,39 @@ pub unsafe fn matmul_bf16_raw(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, acc
         return;
     }
     assert!(amx_available(), "matmul_bf16 needs AMX-BF16 (check kernels::gemm::amx_available first)");
+    // Blocks of at most PACK_LIMIT packed values per operand (Goto's kc x nc / mc x kc panels):
+    // memory stays bounded and the per-thread packing buffers are reused, even for a 50257-wide
+    // vocabulary head; K blocks after the first accumulate into C.
+    let kc = k.min(KC_MAX);
+    let mc = (PACK_LIMIT / round_up(kc, 32)).max(32) / 32 * 32;
+    let nc = mc;
+    for k0 in (0..k).step_by(kc) {
+        let kb = kc.min(k - k0);
+        for m0 in (0..m).step_by(mc) {
+            let a_block = a.block(m0, mc.min(m - m0), k0, kb);
+            for n0 in (0..n).step_by(nc) {
+                let b_block = b.block(k0, kb, n0, nc.min(n - n0));
+                matmul_block(a_block, b_block, c.add(m0 * ldc + n0), ldc, accumulate || k0 > 0, parallel);
+            }
+        }
+    }
+}
+
+/// Largest K block, and the most packed values per operand block.
+const KC_MAX: usize = 4096;
+const PACK_LIMIT: usize = 4 << 20;
+
+impl<'a> MatRef<'a> {
+    /// Rows `r0..r0 + rows`, columns `c0..c0 + cols` (a view; no copy).
+    fn block(&self, r0: usize, rows: usize, c0: usize, cols: usize) -> MatRef<'a> {
+        let start = r0 * self.row_stride + c0 * self.col_stride;
+        MatRef { data: &self.data[start.min(self.data.len())..], rows, cols, row_stride: self.row_stride, col_stride: self.col_stride }
+    }
+}
+
+/// One block product: pack both operands, then the 32x32 C blocks (split over column pairs).
+unsafe fn matmul_block(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, accumulate: bool, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let k_tiles = k.div_ceil(32);
     let (mp, np) = (round_up(m, 32), round_up(n, 32));
     let c_addr = c as usize;
@@ -667,6 +700,16 @@ mod tests {
             for col in n..ldc {
                 assert_eq!(c[r * ldc + col], 0.5, "padding column {col} of row {r} written");
             }
+        }
+    }
+
+    #[test]
+    fn blocked_products_match() {
+        // K above KC_MAX (two K blocks accumulate), and M or N above one block at that K.
+        let rows = PACK_LIMIT / KC_MAX + 76;
+        if amx_available() {
+            check(rows, KC_MAX + 104, 40, false, true, false, Path::Bf16Parallel);
+            check(40, KC_MAX + 104, rows, true, false, true, Path::Bf16Parallel);
         }
     }
 
