@@ -13,9 +13,18 @@
 //!
 //! Precision: transformers casts cos/sin to x's dtype and multiplies and adds in that dtype; here
 //! the tables must share x's dtype, but the arithmetic is f32 with one rounding of the output.
+//!
+//! With the `cuda` feature the op (forward and, with `inverse`, backward) also runs on CUDA tensors
+//! (`src/cuda/rope.cu`, one thread per rotated pair, equal to the CPU op bitwise); `bwd` applies the
+//! same op without a graph node, so it is device-generic. `rope_tables` builds its tables on the
+//! host and moves them to any device.
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat};
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -58,14 +67,20 @@ pub fn rope_tables(
             sin.push(angle.sin());
         }
     }
-    let cos = Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?;
+    // Rounded on the host, then moved: the tables are the same bits on every device (a device's
+    // f64 -> bf16 cast need not round the way the CPU's does).
+    let cos = Tensor::from_vec(cos, (seq_len, half), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let sin = Tensor::from_vec(sin, (seq_len, half), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
     Ok((cos, sin))
 }
 
 /// RoPE of `x` (B, H, T, D), D even, with tables `cos` and `sin` of shape (T', D/2), T' >= T, of
 /// x's dtype (f32, bf16 or f16; arithmetic in f32). Only the first T rows of the tables are used.
-/// Differentiable in `x`; no gradient flows to `cos` or `sin`. CPU only.
+/// Differentiable in `x`; no gradient flows to `cos` or `sin`. CPU, and CUDA with the `cuda` feature.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let t = check_args(x, cos, sin)?;
     // The kernel indexes rows directly, so strided views are copied first (differentiably).
@@ -212,6 +227,90 @@ impl CustomOp3 for Rope {
                 xs.dtype(),
                 cs.dtype(),
                 ss.dtype()
+            ),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        cs: &CudaStorage,
+        cl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = if self.inverse {
+            "rope backward"
+        } else {
+            "rope"
+        };
+        let (t, d) = match xl.dims() {
+            &[_, _, t, d] if d > 0 && d % 2 == 0 => (t, d),
+            dims => bail!("{op}: x must have shape (B, H, T, D) with D even, got {dims:?}"),
+        };
+        if cl.dims() != [t, d / 2] || sl.dims() != [t, d / 2] {
+            bail!(
+                "{op}: cos {:?} and sin {:?} must have shape [{t}, {}] for x {:?}",
+                cl.dims(),
+                sl.dims(),
+                d / 2,
+                xl.dims()
+            );
+        }
+        if xs.dtype() != cs.dtype() || xs.dtype() != ss.dtype() {
+            bail!(
+                "{op}: unsupported dtypes x {:?}, cos {:?}, sin {:?} (expected all f32, bf16 or f16)",
+                xs.dtype(),
+                cs.dtype(),
+                ss.dtype()
+            );
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn run<T: CudaFloat>(
+            xs: &CudaStorage,
+            xl: &Layout,
+            cs: &CudaStorage,
+            cl: &Layout,
+            ss: &CudaStorage,
+            sl: &Layout,
+            (t, half): (usize, usize),
+            inverse: bool,
+        ) -> Result<CudaStorage> {
+            use crate::cuda::{PushKernelArg, WrapErr};
+            let op = if inverse { "rope backward" } else { "rope" };
+            let x = cuda::view::<T>(xs, xl, op)?;
+            let cos = cuda::view::<T>(cs, cl, op)?;
+            let sin = cuda::view::<T>(ss, sl, op)?;
+            let n = x.len();
+            let pairs = n / 2;
+            let dev = xs.device();
+            let mut y = unsafe { dev.alloc::<T>(n) }?;
+            // No pairs (B, H or T zero): nothing to launch, and t may be 0 (the kernel takes row % t).
+            if pairs > 0 {
+                let dir = if inverse { "bwd" } else { "fwd" };
+                let k = cuda::kernel(dev, cuda::ROPE, &format!("rope_{dir}_{}", T::SUFFIX))?;
+                let mut b = k.builder();
+                b.arg(&x);
+                b.arg(&cos);
+                b.arg(&sin);
+                b.arg(&mut y);
+                b.arg(&pairs);
+                b.arg(&half);
+                b.arg(&t);
+                unsafe { b.launch(cuda::elementwise_config(pairs)) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+        let dims = (t, d / 2);
+        let out = match xs.dtype() {
+            DType::F32 => run::<f32>(xs, xl, cs, cl, ss, sl, dims, self.inverse)?,
+            DType::BF16 => run::<half::bf16>(xs, xl, cs, cl, ss, sl, dims, self.inverse)?,
+            DType::F16 => run::<half::f16>(xs, xl, cs, cl, ss, sl, dims, self.inverse)?,
+            other => bail!(
+                "{op}: unsupported dtypes x {other:?}, cos {other:?}, sin {other:?} (expected all f32, bf16 or f16)"
             ),
         };
         Ok((out, xl.shape().clone()))

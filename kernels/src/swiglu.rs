@@ -10,18 +10,27 @@
 //! g -> -inf it tends to a tiny positive number (not 0 * inf = NaN), for g -> +inf to exactly 1.
 //! `swiglu_reference` is the spec, built from differentiable candle ops with the equally safe
 //! `sigmoid(g) = 0.5 + 0.5 * tanh(g / 2)`.
+//!
+//! With the `cuda` feature both passes also run on CUDA tensors (`src/cuda/swiglu.cu`, same
+//! formulas, the same clamp, IEEE `expf`): the backward is its own `CustomOp3` (`SwiGluBackward`,
+//! applied without a graph node) whose one output holds dgate and dup stacked along a new first
+//! dimension, so `bwd` is the same code on every device.
 
+#[cfg(feature = "cuda")]
+use crate::cuda::{self, CudaFloat};
 use crate::util::exp_f32;
 use crate::util::{contiguous_slice, KernelFloat};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Elements per rayon task: a few ns each, so 16K elements amortize scheduling well.
 const TASK_ELEMS: usize = 16 * 1024;
 
 /// `silu(gate) * up` for `gate` and `up` of one shape and dtype (f32, bf16 or f16; arithmetic in
-/// f32, output in their dtype). Differentiable in both; CPU only.
+/// f32, output in their dtype). Differentiable in both; CPU, and CUDA with the `cuda` feature.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_args(gate, up)?;
     // The kernels walk the buffers linearly, so strided views are copied first (differentiably).
@@ -107,6 +116,49 @@ impl CustomOp2 for SwiGlu {
         Ok((out, gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = "swiglu";
+        if gl.dims() != ul.dims() {
+            bail!(
+                "{op}: gate {:?} and up {:?} do not have the same shape",
+                gl.dims(),
+                ul.dims()
+            );
+        }
+        if gs.dtype() != us.dtype() {
+            bail!(
+                "{op}: unsupported dtypes gate {:?}, up {:?} (expected both f32, bf16 or f16)",
+                gs.dtype(),
+                us.dtype()
+            );
+        }
+        fn run<T: CudaFloat>(
+            gs: &CudaStorage,
+            gl: &Layout,
+            us: &CudaStorage,
+            ul: &Layout,
+        ) -> Result<CudaStorage> {
+            let op = "swiglu";
+            let (gate, up) = (cuda::view::<T>(gs, gl, op)?, cuda::view::<T>(us, ul, op)?);
+            let name = format!("swiglu_fwd_{}", T::SUFFIX);
+            cuda::launch_elementwise(gs.device(), cuda::SWIGLU, &name, &[&gate, &up], gate.len())
+        }
+        let out = match gs.dtype() {
+            DType::F32 => run::<f32>(gs, gl, us, ul)?,
+            DType::BF16 => run::<half::bf16>(gs, gl, us, ul)?,
+            DType::F16 => run::<half::f16>(gs, gl, us, ul)?,
+            other => bail!("{op}: unsupported dtypes gate {other:?}, up {other:?} (expected both f32, bf16 or f16)"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -114,57 +166,142 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // `gate` and `up` are the op's (contiguous) inputs; the backward op runs on whatever device
+        // they are on and returns dgate and dup stacked, shape (2, shape...): two contiguous views.
         let grad = grad_res.contiguous()?;
-        let (dgate, dup) = {
-            let (gs, gl) = gate.storage_and_layout();
-            let (us, ul) = up.storage_and_layout();
-            let (ds, dl) = grad.storage_and_layout();
-            let (Storage::Cpu(gs), Storage::Cpu(us), Storage::Cpu(ds)) = (&*gs, &*us, &*ds) else {
-                bail!(
-                    "swiglu backward: only CPU tensors are supported, gate is on {:?}",
-                    gate.device().location()
-                )
-            };
-            let op = "swiglu backward";
-            match (gs, us, ds) {
-                (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => to_tensors(backward(
-                    contiguous_slice(g, gl, op)?,
-                    contiguous_slice(u, ul, op)?,
-                    contiguous_slice(d, dl, op)?,
-                ))?,
-                (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => to_tensors(backward(
-                    contiguous_slice(g, gl, op)?,
-                    contiguous_slice(u, ul, op)?,
-                    contiguous_slice(d, dl, op)?,
-                ))?,
-                (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => to_tensors(backward(
-                    contiguous_slice(g, gl, op)?,
-                    contiguous_slice(u, ul, op)?,
-                    contiguous_slice(d, dl, op)?,
-                ))?,
-                _ => bail!(
-                    "swiglu backward: unsupported dtypes gate {:?}, up {:?}, grad {:?} (expected all f32, bf16 or f16)",
-                    gs.dtype(),
-                    us.dtype(),
-                    ds.dtype()
-                ),
-            }
-        };
-        Ok((
-            Some(dgate.reshape(gate.shape())?),
-            Some(dup.reshape(up.shape())?),
-        ))
+        let both = gate.apply_op3_no_bwd(up, &grad, &SwiGluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-/// Wrap the backward kernel's vectors as flat CPU tensors.
-fn to_tensors<T: KernelFloat>((dgate, dup): (Vec<T>, Vec<T>)) -> Result<(Tensor, Tensor)> {
-    let dev = candle_core::Device::Cpu;
-    let n = dgate.len();
-    Ok((
-        Tensor::from_vec(dgate, n, &dev)?,
-        Tensor::from_vec(dup, n, &dev)?,
-    ))
+/// `(dgate, dup)` for `(gate, up, dy)`, stacked along a new first dimension (shape `(2, shape...)`)
+/// so that one op returns both: the backward pass as an op of its own, with a CPU and a CUDA
+/// forward (no graph node: `bwd` output is detached anyway).
+struct SwiGluBackward;
+
+/// The backward's output shape: (2, dims of gate).
+fn stacked_shape(gl: &Layout) -> Shape {
+    let mut dims = Vec::with_capacity(gl.dims().len() + 1);
+    dims.push(2);
+    dims.extend_from_slice(gl.dims());
+    Shape::from(dims)
+}
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "swiglu backward";
+        if gl.dims() != ul.dims() || gl.dims() != dl.dims() {
+            bail!(
+                "{op}: gate {:?}, up {:?} and grad {:?} differ in shape",
+                gl.dims(),
+                ul.dims(),
+                dl.dims()
+            );
+        }
+        let out = match (gs, us, ds) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => CpuStorage::F32(backward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+                contiguous_slice(d, dl, op)?,
+            )),
+            (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => CpuStorage::BF16(backward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+                contiguous_slice(d, dl, op)?,
+            )),
+            (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => CpuStorage::F16(backward(
+                contiguous_slice(g, gl, op)?,
+                contiguous_slice(u, ul, op)?,
+                contiguous_slice(d, dl, op)?,
+            )),
+            _ => bail!(
+                "{op}: unsupported dtypes gate {:?}, up {:?}, grad {:?} (expected all f32, bf16 or f16)",
+                gs.dtype(),
+                us.dtype(),
+                ds.dtype()
+            ),
+        };
+        Ok((out, stacked_shape(gl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = "swiglu backward";
+        if gl.dims() != ul.dims() || gl.dims() != dl.dims() {
+            bail!(
+                "{op}: gate {:?}, up {:?} and grad {:?} differ in shape",
+                gl.dims(),
+                ul.dims(),
+                dl.dims()
+            );
+        }
+        if gs.dtype() != us.dtype() || gs.dtype() != ds.dtype() {
+            bail!(
+                "{op}: unsupported dtypes gate {:?}, up {:?}, grad {:?} (expected all f32, bf16 or f16)",
+                gs.dtype(),
+                us.dtype(),
+                ds.dtype()
+            );
+        }
+        fn run<T: CudaFloat>(
+            gs: &CudaStorage,
+            gl: &Layout,
+            us: &CudaStorage,
+            ul: &Layout,
+            ds: &CudaStorage,
+            dl: &Layout,
+        ) -> Result<CudaStorage> {
+            use crate::cuda::{PushKernelArg, WrapErr};
+            let op = "swiglu backward";
+            let gate = cuda::view::<T>(gs, gl, op)?;
+            let up = cuda::view::<T>(us, ul, op)?;
+            let dy = cuda::view::<T>(ds, dl, op)?;
+            let n = gate.len();
+            let dev = gs.device();
+            // dgate at [0, n), dup at [n, 2n) (the kernel writes both).
+            let mut out = unsafe { dev.alloc::<T>(2 * n) }?;
+            if n > 0 {
+                let k = cuda::kernel(dev, cuda::SWIGLU, &format!("swiglu_bwd_{}", T::SUFFIX))?;
+                let mut b = k.builder();
+                b.arg(&gate);
+                b.arg(&up);
+                b.arg(&dy);
+                b.arg(&mut out);
+                b.arg(&n);
+                unsafe { b.launch(cuda::elementwise_config(n)) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let out = match gs.dtype() {
+            DType::F32 => run::<f32>(gs, gl, us, ul, ds, dl)?,
+            DType::BF16 => run::<half::bf16>(gs, gl, us, ul, ds, dl)?,
+            DType::F16 => run::<half::f16>(gs, gl, us, ul, ds, dl)?,
+            other => bail!(
+                "{op}: unsupported dtypes gate {other:?}, up {other:?}, grad {other:?} (expected all f32, bf16 or f16)"
+            ),
+        };
+        Ok((out, stacked_shape(gl)))
+    }
 }
 
 /// sigmoid(x) = 1 / (1 + exp(-x)): the denominator is in [1, 1 + e^88], finite, so there is no
@@ -188,10 +325,11 @@ fn forward<T: KernelFloat>(gate: &[T], up: &[T]) -> Vec<T> {
     y
 }
 
-/// Returns (dgate, dup): with s = sigmoid(g), d silu / dg = s + g s (1 - s) = s (1 + g (1 - s)).
-fn backward<T: KernelFloat>(gate: &[T], up: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut dgate = vec![T::narrow(0.0); gate.len()];
-    let mut dup = vec![T::narrow(0.0); gate.len()];
+/// Returns dgate followed by dup in one vector of 2n: with s = sigmoid(g),
+/// d silu / dg = s + g s (1 - s) = s (1 + g (1 - s)).
+fn backward<T: KernelFloat>(gate: &[T], up: &[T], dy: &[T]) -> Vec<T> {
+    let mut both = vec![T::narrow(0.0); 2 * gate.len()];
+    let (dgate, dup) = both.split_at_mut(gate.len());
     dgate
         .par_chunks_mut(TASK_ELEMS)
         .zip(dup.par_chunks_mut(TASK_ELEMS))
@@ -211,5 +349,5 @@ fn backward<T: KernelFloat>(gate: &[T], up: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) 
                 *du = T::narrow(d * g * s);
             }
         });
-    (dgate, dup)
+    both
 }

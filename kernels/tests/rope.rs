@@ -3,11 +3,13 @@
 //! reference against central finite differences (f64, every input), the fused CustomOp's forward
 //! and gradient against the reference in f32, bf16 and f16 at odd sizes (tables longer than T, a
 //! size spanning several rayon tasks), the gradient as the inverse rotation, a strided input,
-//! argument errors and an ignored timing.
+//! argument errors and an ignored timing. The fast-path tests run on every device of
+//! `kernels::testing::test_devices()` (the CPU, and CUDA with `--features cuda` on a GPU machine),
+//! against the CPU reference; the CUDA op and tables must also equal the CPU's bitwise.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use kernels::testing::{
-    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+    assert_close, closeness, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL,
 };
 use kernels::{rope, rope_reference, rope_tables};
 
@@ -39,6 +41,54 @@ fn forward_and_grad(
     [y, grads.get(&xv).expect("missing gradient").clone()]
 }
 
+/// `t` copied to the CPU (for comparisons with the CPU reference).
+fn cpu(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu).unwrap()
+}
+
+/// Panics unless `a` (on any device) and `b` (on the CPU) hold the same bits.
+fn assert_bitwise_equal(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shape");
+    assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
+    let bits = |t: &Tensor| -> Vec<u64> {
+        let t = cpu(t).flatten_all().unwrap();
+        match t.dtype() {
+            DType::F64 => t
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            DType::F32 => t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits() as u64)
+                .collect(),
+            DType::BF16 => t
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits() as u64)
+                .collect(),
+            DType::F16 => t
+                .to_vec1::<half::f16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits() as u64)
+                .collect(),
+            other => panic!("{what}: unexpected dtype {other:?}"),
+        }
+    };
+    let (a, b) = (bits(a), bits(b));
+    if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+        panic!(
+            "{what}: element {i} has bits {:#x}, the CPU's {:#x}",
+            a[i], b[i]
+        );
+    }
+}
+
 /// transformers' `apply_rotary_pos_emb`, written out: `q * cos + rotate_half(q) * sin` with
 /// `rotate_half(q) = cat(-q2, q1)` and cos/sin of width D made by `cat(freqs, freqs)`.
 fn transformers_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -56,38 +106,48 @@ fn transformers_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     x.broadcast_mul(&full(cos)?)? + rotate_half.broadcast_mul(&full(sin)?)?
 }
 
-/// Fast path in `dtype` against the f32 reference on the same (rounded) inputs, with tables from
-/// `rope_tables` in `dtype` (longer than T in some cases: only the first T rows count).
+/// Fast path in `dtype` on every test device against the f32 CPU reference on the same (rounded)
+/// inputs, with tables from `rope_tables` in `dtype` (longer than T in some cases: only the first T
+/// rows count). Off the CPU, the tables, y and dx must also equal the CPU fast path's bitwise.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    // (B, H, T, D) and the table length; (2, 4, 100, 64) is 800 rows = 4 rayon tasks, the last ragged.
-    let cases = [
-        ([2, 3, 13, 10], 13),
-        ([2, 3, 13, 10], 29),
-        ([1, 5, 7, 2], 7),
-        ([2, 4, 100, 64], 128),
-        ([1, 1, 1, 2], 1),
-    ];
-    for (i, (dims, table_len)) in cases.iter().enumerate() {
-        let x = pseudo_random(dims, 10 * i as u64, 2.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let (cos, sin) = rope_tables(*table_len, dims[3], THETA, dtype, &Device::Cpu).unwrap();
-        let fast = forward_and_grad(&rope, &x, &cos, &sin, &g);
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let reference =
-            forward_and_grad(&rope_reference, &f32(&x), &f32(&cos), &f32(&sin), &f32(&g));
-        for (name, (a, e)) in ["y", "dx"].iter().zip(fast.iter().zip(&reference)) {
-            assert_eq!(a.dtype(), dtype, "{name} dtype");
-            assert_eq!(a.dims(), dims, "{name} shape");
-            assert_close(
-                a,
-                e,
-                tol,
-                &format!("rope {name} {dtype:?} {dims:?} table {table_len}"),
-            );
+    for dev in test_devices() {
+        // (B, H, T, D) and the table length; (2, 4, 100, 64) is 800 rows = 4 rayon tasks, the last ragged.
+        let cases = [
+            ([2, 3, 13, 10], 13),
+            ([2, 3, 13, 10], 29),
+            ([1, 5, 7, 2], 7),
+            ([2, 4, 100, 64], 128),
+            ([1, 1, 1, 2], 1),
+        ];
+        for (i, (dims, table_len)) in cases.iter().enumerate() {
+            let x = pseudo_random(dims, 10 * i as u64, 2.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let g = pseudo_random(dims, 10 * i as u64 + 1, 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let (cos, sin) = rope_tables(*table_len, dims[3], THETA, dtype, &Device::Cpu).unwrap();
+            let (cos_d, sin_d) = rope_tables(*table_len, dims[3], THETA, dtype, &dev).unwrap();
+            let on = format!("on {:?}", dev.location());
+            assert_bitwise_equal(&cos_d, &cos, &format!("rope_tables cos {dtype:?} {on}"));
+            assert_bitwise_equal(&sin_d, &sin, &format!("rope_tables sin {dtype:?} {on}"));
+            let to_dev = |t: &Tensor| t.to_device(&dev).unwrap();
+            let fast = forward_and_grad(&rope, &to_dev(&x), &cos_d, &sin_d, &to_dev(&g));
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let reference =
+                forward_and_grad(&rope_reference, &f32(&x), &f32(&cos), &f32(&sin), &f32(&g));
+            let cpu_fast = forward_and_grad(&rope, &x, &cos, &sin, &g);
+            for (name, ((a, e), c)) in ["y", "dx"]
+                .iter()
+                .zip(fast.iter().zip(&reference).zip(&cpu_fast))
+            {
+                assert_eq!(a.dtype(), dtype, "{name} dtype");
+                assert_eq!(a.dims(), dims, "{name} shape");
+                assert!(a.device().same_device(&dev), "{name} {on}");
+                let what = format!("rope {name} {dtype:?} {dims:?} table {table_len} {on}");
+                assert_close(&cpu(a), e, tol, &what);
+                assert_bitwise_equal(a, c, &format!("{what} vs the CPU fast path"));
+            }
         }
     }
 }
@@ -116,6 +176,20 @@ fn rope_tables_match_hand_computed_angles() {
         BF16_TOL,
         "rope_tables bf16",
     );
+    // On every device: the same bits, on that device.
+    for dev in test_devices() {
+        for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+            let on = format!("{dtype:?} on {:?}", dev.location());
+            let (c, s) = rope_tables(3, 4, 100.0, dtype, &dev).unwrap();
+            assert!(
+                c.device().same_device(&dev) && s.device().same_device(&dev),
+                "{on}"
+            );
+            let (c_cpu, s_cpu) = rope_tables(3, 4, 100.0, dtype, &Device::Cpu).unwrap();
+            assert_bitwise_equal(&c, &c_cpu, &format!("rope_tables cos {on}"));
+            assert_bitwise_equal(&s, &s_cpu, &format!("rope_tables sin {on}"));
+        }
+    }
 }
 
 #[test]
@@ -140,19 +214,33 @@ fn rope_matches_transformers_rotate_half_formula_on_hand_checkable_case() {
         F32_TOL,
         "rope_reference",
     );
-    assert_close(&rope(&x, &cos, &sin).unwrap(), &expected, F32_TOL, "rope");
+    for dev in test_devices() {
+        let d = |t: &Tensor| t.to_device(&dev).unwrap();
+        assert_close(
+            &cpu(&rope(&d(&x), &d(&cos), &d(&sin)).unwrap()),
+            &expected,
+            F32_TOL,
+            &format!("rope on {:?}", dev.location()),
+        );
+    }
     // And at the odd test size with real tables.
     let x = pseudo_random(&[2, 3, 13, 10], 3, 2.0)
         .to_dtype(DType::F32)
         .unwrap();
     let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
     let want = transformers_formula(&x, &cos, &sin).unwrap();
-    assert_close(
-        &rope(&x, &cos, &sin).unwrap(),
-        &want,
-        F32_TOL,
-        "rope vs transformers formula (2,3,13,10)",
-    );
+    for dev in test_devices() {
+        let d = |t: &Tensor| t.to_device(&dev).unwrap();
+        assert_close(
+            &cpu(&rope(&d(&x), &d(&cos), &d(&sin)).unwrap()),
+            &want,
+            F32_TOL,
+            &format!(
+                "rope vs transformers formula (2,3,13,10) on {:?}",
+                dev.location()
+            ),
+        );
+    }
 }
 
 #[test]
@@ -223,39 +311,53 @@ fn rope_forward_and_gradient_match_reference_f16() {
 #[test]
 fn rope_gradient_is_the_inverse_rotation_and_norms_are_preserved() {
     // With true cos/sin the op is orthogonal: d sum(R x * g)/dx = R^T g, so g = R x gives back x.
-    let x = pseudo_random(&[2, 3, 13, 10], 5, 2.0)
+    let x_cpu = pseudo_random(&[2, 3, 13, 10], 5, 2.0)
         .to_dtype(DType::F32)
         .unwrap();
-    let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
-    let y = rope(&x, &cos, &sin).unwrap();
-    let [_, dx] = forward_and_grad(&rope, &x, &cos, &sin, &y);
-    assert_close(&dx, &x, F32_TOL, "R^T R x");
-    let pair_norms = |t: &Tensor| {
-        let (a, b) = (t.narrow(3, 0, 5).unwrap(), t.narrow(3, 5, 5).unwrap());
-        (a.sqr().unwrap() + b.sqr().unwrap()).unwrap()
-    };
-    assert_close(&pair_norms(&y), &pair_norms(&x), F32_TOL, "pair norms");
+    for dev in test_devices() {
+        let x = x_cpu.to_device(&dev).unwrap();
+        let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &dev).unwrap();
+        let y = rope(&x, &cos, &sin).unwrap();
+        let [_, dx] = forward_and_grad(&rope, &x, &cos, &sin, &y);
+        let on = format!("on {:?}", dev.location());
+        assert_close(&cpu(&dx), &x_cpu, F32_TOL, &format!("R^T R x {on}"));
+        let pair_norms = |t: &Tensor| {
+            let t = cpu(t);
+            let (a, b) = (t.narrow(3, 0, 5).unwrap(), t.narrow(3, 5, 5).unwrap());
+            (a.sqr().unwrap() + b.sqr().unwrap()).unwrap()
+        };
+        assert_close(
+            &pair_norms(&y),
+            &pair_norms(&x),
+            F32_TOL,
+            &format!("pair norms {on}"),
+        );
+    }
 }
 
 #[test]
 fn rope_gives_no_gradient_to_the_tables() {
-    let x = pseudo_random(&[1, 2, 3, 4], 6, 1.0)
-        .to_dtype(DType::F32)
-        .unwrap();
-    let (cos, sin) = rope_tables(3, 4, THETA, DType::F32, &Device::Cpu).unwrap();
-    let (xv, cv, sv) = (
-        Var::from_tensor(&x).unwrap(),
-        Var::from_tensor(&cos).unwrap(),
-        Var::from_tensor(&sin).unwrap(),
-    );
-    let grads = rope(xv.as_tensor(), cv.as_tensor(), sv.as_tensor())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert!(grads.get(&xv).is_some());
-    assert!(grads.get(&cv).is_none() && grads.get(&sv).is_none());
+    for dev in test_devices() {
+        let x = pseudo_random(&[1, 2, 3, 4], 6, 1.0)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let (cos, sin) = rope_tables(3, 4, THETA, DType::F32, &dev).unwrap();
+        let (xv, cv, sv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&cos).unwrap(),
+            Var::from_tensor(&sin).unwrap(),
+        );
+        let grads = rope(xv.as_tensor(), cv.as_tensor(), sv.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&xv).is_some());
+        assert!(grads.get(&cv).is_none() && grads.get(&sv).is_none());
+    }
 }
 
 #[test]
@@ -269,92 +371,108 @@ fn rope_accepts_strided_input() {
         .unwrap();
     let (cos, sin) = rope_tables(13, 10, THETA, DType::F32, &Device::Cpu).unwrap();
     let via_t = |f: RopeFn| move |x: &Tensor, c: &Tensor, s: &Tensor| f(&x.transpose(1, 2)?, c, s);
-    let fast = forward_and_grad(&via_t(rope), &x, &cos, &sin, &g);
     let reference = forward_and_grad(&via_t(rope_reference), &x, &cos, &sin, &g);
-    assert_eq!(fast[1].dims(), [2, 13, 3, 10]);
-    assert_close(&fast[0], &reference[0], F32_TOL, "strided rope y");
-    assert_close(&fast[1], &reference[1], F32_TOL, "strided rope dx");
+    for dev in test_devices() {
+        let d = |t: &Tensor| t.to_device(&dev).unwrap();
+        let fast = forward_and_grad(&via_t(rope), &d(&x), &d(&cos), &d(&sin), &d(&g));
+        assert_eq!(fast[1].dims(), [2, 13, 3, 10]);
+        let on = format!("on {:?}", dev.location());
+        assert_close(
+            &cpu(&fast[0]),
+            &reference[0],
+            F32_TOL,
+            &format!("strided rope y {on}"),
+        );
+        assert_close(
+            &cpu(&fast[1]),
+            &reference[1],
+            F32_TOL,
+            &format!("strided rope dx {on}"),
+        );
+    }
 }
 
 #[test]
 fn rope_rejects_odd_head_dim_short_tables_and_mismatches() {
-    let dev = &Device::Cpu;
-    let f32 = |dims: &[usize]| Tensor::zeros(dims, DType::F32, dev).unwrap();
-    let check = |x: &Tensor, c: &Tensor, s: &Tensor, needles: &[&str]| {
-        for f in [rope as RopeFn, rope_reference] {
-            let err = f(x, c, s).unwrap_err().to_string();
-            assert!(
-                err.contains("rope") && needles.iter().all(|n| err.contains(n)),
-                "{err}"
-            );
-        }
-    };
-    // Odd D.
-    check(
-        &f32(&[1, 1, 2, 5]),
-        &f32(&[2, 2]),
-        &f32(&[2, 2]),
-        &["even", "5"],
-    );
-    // Tables shorter than T.
-    check(
-        &f32(&[1, 2, 4, 6]),
-        &f32(&[3, 3]),
-        &f32(&[3, 3]),
-        &["cos", "3 positions", "T = 4"],
-    );
-    check(
-        &f32(&[1, 2, 4, 6]),
-        &f32(&[4, 3]),
-        &f32(&[3, 3]),
-        &["sin", "3 positions", "T = 4"],
-    );
-    // Wrong table width, wrong rank.
-    check(
-        &f32(&[1, 2, 4, 6]),
-        &f32(&[4, 6]),
-        &f32(&[4, 6]),
-        &["width 6", "D/2 = 3"],
-    );
-    check(
-        &f32(&[2, 4, 6]),
-        &f32(&[4, 3]),
-        &f32(&[4, 3]),
-        &["(B, H, T, D)", "[2, 4, 6]"],
-    );
-    check(
-        &f32(&[1, 2, 4, 6]),
-        &f32(&[12]),
-        &f32(&[4, 3]),
-        &["cos", "(T, D/2)", "[12]"],
-    );
-    // dtype mismatch between x and the tables.
-    let bf = Tensor::zeros((4, 3), DType::BF16, dev).unwrap();
-    check(&f32(&[1, 2, 4, 6]), &bf, &bf, &["dtype", "BF16"]);
-    // f64 is for the reference only.
-    let x64 = Tensor::zeros((1, 1, 2, 4), DType::F64, dev).unwrap();
-    let (c64, s64) = rope_tables(2, 4, THETA, DType::F64, dev).unwrap();
-    let err = rope(&x64, &c64, &s64).unwrap_err().to_string();
-    assert!(err.contains("rope") && err.contains("F64"), "{err}");
-    // rope_tables arguments.
-    let err = rope_tables(4, 7, THETA, DType::F32, dev)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("rope_tables") && err.contains("even") && err.contains('7'),
-        "{err}"
-    );
-    let err = rope_tables(4, 8, 0.0, DType::F32, dev)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("rope_tables") && err.contains("theta"),
-        "{err}"
-    );
-    let err = rope_tables(4, 8, THETA, DType::U32, dev)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("rope_tables") && err.contains("U32"), "{err}");
+    for device in test_devices() {
+        let dev = &device;
+        let f32 = |dims: &[usize]| Tensor::zeros(dims, DType::F32, dev).unwrap();
+        let check = |x: &Tensor, c: &Tensor, s: &Tensor, needles: &[&str]| {
+            for f in [rope as RopeFn, rope_reference] {
+                let err = f(x, c, s).unwrap_err().to_string();
+                assert!(
+                    err.contains("rope") && needles.iter().all(|n| err.contains(n)),
+                    "{err}"
+                );
+            }
+        };
+        // Odd D.
+        check(
+            &f32(&[1, 1, 2, 5]),
+            &f32(&[2, 2]),
+            &f32(&[2, 2]),
+            &["even", "5"],
+        );
+        // Tables shorter than T.
+        check(
+            &f32(&[1, 2, 4, 6]),
+            &f32(&[3, 3]),
+            &f32(&[3, 3]),
+            &["cos", "3 positions", "T = 4"],
+        );
+        check(
+            &f32(&[1, 2, 4, 6]),
+            &f32(&[4, 3]),
+            &f32(&[3, 3]),
+            &["sin", "3 positions", "T = 4"],
+        );
+        // Wrong table width, wrong rank.
+        check(
+            &f32(&[1, 2, 4, 6]),
+            &f32(&[4, 6]),
+            &f32(&[4, 6]),
+            &["width 6", "D/2 = 3"],
+        );
+        check(
+            &f32(&[2, 4, 6]),
+            &f32(&[4, 3]),
+            &f32(&[4, 3]),
+            &["(B, H, T, D)", "[2, 4, 6]"],
+        );
+        check(
+            &f32(&[1, 2, 4, 6]),
+            &f32(&[12]),
+            &f32(&[4, 3]),
+            &["cos", "(T, D/2)", "[12]"],
+        );
+        // dtype mismatch between x and the tables.
+        let bf = Tensor::zeros((4, 3), DType::BF16, dev).unwrap();
+        check(&f32(&[1, 2, 4, 6]), &bf, &bf, &["dtype", "BF16"]);
+        // f64 is for the reference only.
+        let x64 = Tensor::zeros((1, 1, 2, 4), DType::F64, dev).unwrap();
+        let (c64, s64) = rope_tables(2, 4, THETA, DType::F64, dev).unwrap();
+        let err = rope(&x64, &c64, &s64).unwrap_err().to_string();
+        assert!(err.contains("rope") && err.contains("F64"), "{err}");
+        // rope_tables arguments.
+        let err = rope_tables(4, 7, THETA, DType::F32, dev)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rope_tables") && err.contains("even") && err.contains('7'),
+            "{err}"
+        );
+        let err = rope_tables(4, 8, 0.0, DType::F32, dev)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rope_tables") && err.contains("theta"),
+            "{err}"
+        );
+        let err = rope_tables(4, 8, THETA, DType::U32, dev)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rope_tables") && err.contains("U32"), "{err}");
+    }
 }
 
 /// `cargo test --release -p kernels --test rope -- --ignored --nocapture`

@@ -2,11 +2,13 @@
 //! known values and central finite differences (f64, both inputs), then the fused CustomOp's
 //! forward and both gradients against the reference in f32, bf16 and f16 at odd sizes (including one
 //! that spans several rayon tasks with a ragged last one), saturation without NaN at |gate| = 100
-//! and beyond, a strided input, argument errors and an ignored timing.
+//! and beyond, a strided input, argument errors and an ignored timing. The fast-path tests run on
+//! every device of `kernels::testing::test_devices()` (the CPU, and CUDA with `--features cuda` on a
+//! GPU machine), always against the CPU reference.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kernels::testing::{
-    assert_close, closeness, finite_difference_grad, Tolerance, BF16_TOL, F32_TOL,
+    assert_close, closeness, finite_difference_grad, test_devices, Tolerance, BF16_TOL, F32_TOL,
 };
 use kernels::{swiglu, swiglu_reference};
 
@@ -39,31 +41,51 @@ fn forward_and_grads(
     [y.clone(), get(&gv), get(&uv)]
 }
 
-/// Fast path in `dtype` against the f32 reference on the same (rounded) inputs.
+/// `t` copied to the CPU (for comparisons with the CPU reference).
+fn cpu(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu).unwrap()
+}
+
+/// Fast path in `dtype` on every test device against the f32 CPU reference on the same (rounded)
+/// inputs.
 fn check_fast_against_reference(dtype: DType, tol: Tolerance) {
-    for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
-        .iter()
-        .enumerate()
-    {
-        // gate in +-8 covers both saturated tails and the curved middle.
-        let gate = pseudo_random(dims, 10 * i as u64, 8.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let up = pseudo_random(dims, 10 * i as u64 + 1, 2.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let g = pseudo_random(dims, 10 * i as u64 + 2, 1.0)
-            .to_dtype(dtype)
-            .unwrap();
-        let fast = forward_and_grads(&swiglu, &gate, &up, &g);
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let reference = forward_and_grads(&swiglu_reference, &f32(&gate), &f32(&up), &f32(&g));
-        for (name, (a, e)) in ["y", "dgate", "dup"]
+    for dev in test_devices() {
+        for (i, dims) in [vec![37, 77], vec![3, 7, 129], vec![100_003], vec![1]]
             .iter()
-            .zip(fast.iter().zip(&reference))
+            .enumerate()
         {
-            assert_eq!(a.dtype(), dtype, "{name} dtype");
-            assert_close(a, e, tol, &format!("swiglu {name} {dtype:?} {dims:?}"));
+            // gate in +-8 covers both saturated tails and the curved middle.
+            let gate = pseudo_random(dims, 10 * i as u64, 8.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let up = pseudo_random(dims, 10 * i as u64 + 1, 2.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let g = pseudo_random(dims, 10 * i as u64 + 2, 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let on = |t: &Tensor| t.to_device(&dev).unwrap();
+            let fast = forward_and_grads(&swiglu, &on(&gate), &on(&up), &on(&g));
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let reference = forward_and_grads(&swiglu_reference, &f32(&gate), &f32(&up), &f32(&g));
+            for (name, (a, e)) in ["y", "dgate", "dup"]
+                .iter()
+                .zip(fast.iter().zip(&reference))
+            {
+                assert_eq!(a.dtype(), dtype, "{name} dtype");
+                assert_eq!(a.dims(), dims.as_slice(), "{name} shape");
+                assert!(
+                    a.device().same_device(&dev),
+                    "{name} on {:?}",
+                    a.device().location()
+                );
+                assert_close(
+                    &cpu(a),
+                    e,
+                    tol,
+                    &format!("swiglu {name} {dtype:?} {dims:?} on {:?}", dev.location()),
+                );
+            }
         }
     }
 }
@@ -107,12 +129,15 @@ fn swiglu_reference_and_fast_path_match_known_values() {
         f32_tol,
         "swiglu_reference f32",
     );
-    assert_close(
-        &swiglu(&f32(&gate), &f32(&up)).unwrap(),
-        &f32(&e),
-        f32_tol,
-        "swiglu f32",
-    );
+    for dev in test_devices() {
+        let on = |t: &Tensor| f32(t).to_device(&dev).unwrap();
+        assert_close(
+            &cpu(&swiglu(&on(&gate), &on(&up)).unwrap()),
+            &f32(&e),
+            f32_tol,
+            &format!("swiglu f32 on {:?}", dev.location()),
+        );
+    }
 }
 
 #[test]
@@ -165,53 +190,65 @@ fn swiglu_saturates_without_nan_at_plus_minus_100_and_beyond() {
     // here: exp(g) / (1 + exp(g)) is inf / inf = NaN for g > 88 in f32, and candle's gradient of the
     // composed 1 / (1 + exp(-g)) is 0 * exp(-g) = 0 * inf = NaN for g < -88 (both tried).
     let dev = &Device::Cpu;
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        // f16 overflows above 65504: keep its inputs to +-100.
-        let gates: &[f32] = match dtype {
-            DType::F16 => &[-100.0, -90.0, 90.0, 100.0],
-            _ => &[-1e30, -1e4, -100.0, -90.0, 90.0, 100.0, 1e4],
-        };
-        let n = gates.len();
-        let gate = Tensor::new(gates, dev).unwrap().to_dtype(dtype).unwrap();
-        let up = Tensor::full(2f32, n, dev).unwrap().to_dtype(dtype).unwrap();
-        let g = Tensor::ones(n, dtype, dev).unwrap();
-        // Expected values from the gates as rounded to `dtype` (1e4 is 9984 in bf16).
-        let rounded = gate.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        let expect = |f: fn(f32) -> f32| {
-            Tensor::new(
-                rounded
-                    .iter()
-                    .map(|&x| f(x))
-                    .collect::<Vec<f32>>()
-                    .as_slice(),
-                dev,
-            )
-            .unwrap()
-        };
-        let expected_y = expect(|x| if x > 0.0 { 2.0 * x } else { 0.0 });
-        let expected_dgate = expect(|x| if x > 0.0 { 2.0 } else { 0.0 });
-        let expected_dup = expect(|x| if x > 0.0 { x } else { 0.0 });
-        let tol = if dtype == DType::F32 {
-            F32_TOL
-        } else {
-            BF16_TOL
-        };
-        for (name, f) in [
-            ("swiglu", swiglu as SwiGluFn),
-            ("swiglu_reference", swiglu_reference),
-        ] {
-            let [y, dgate, dup] = forward_and_grads(&f, &gate, &up, &g);
-            for (what, a, e) in [
-                ("y", &y, &expected_y),
-                ("dgate", &dgate, &expected_dgate),
-                ("dup", &dup, &expected_dup),
-            ] {
-                let values = a.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-                assert!(
-                    values.iter().all(|v| v.is_finite()),
-                    "{name} {what} {dtype:?}: {values:?}"
-                );
-                assert_close(a, e, tol, &format!("{name} {what} {dtype:?} in the tails"));
+    for device in test_devices() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            // f16 overflows above 65504: keep its inputs to +-100.
+            let gates: &[f32] = match dtype {
+                DType::F16 => &[-100.0, -90.0, 90.0, 100.0],
+                _ => &[-1e30, -1e4, -100.0, -90.0, 90.0, 100.0, 1e4],
+            };
+            let n = gates.len();
+            let gate = Tensor::new(gates, dev).unwrap().to_dtype(dtype).unwrap();
+            let up = Tensor::full(2f32, n, dev).unwrap().to_dtype(dtype).unwrap();
+            let g = Tensor::ones(n, dtype, dev).unwrap();
+            // Expected values from the gates as rounded to `dtype` (1e4 is 9984 in bf16).
+            let rounded = gate.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            let expect = |f: fn(f32) -> f32| {
+                Tensor::new(
+                    rounded
+                        .iter()
+                        .map(|&x| f(x))
+                        .collect::<Vec<f32>>()
+                        .as_slice(),
+                    dev,
+                )
+                .unwrap()
+            };
+            let expected_y = expect(|x| if x > 0.0 { 2.0 * x } else { 0.0 });
+            let expected_dgate = expect(|x| if x > 0.0 { 2.0 } else { 0.0 });
+            let expected_dup = expect(|x| if x > 0.0 { x } else { 0.0 });
+            let tol = if dtype == DType::F32 {
+                F32_TOL
+            } else {
+                BF16_TOL
+            };
+            // The fast path on `device`, the reference on the CPU.
+            let on = |t: &Tensor| t.to_device(&device).unwrap();
+            let runs = [
+                (
+                    "swiglu",
+                    forward_and_grads(&swiglu, &on(&gate), &on(&up), &on(&g)),
+                ),
+                (
+                    "swiglu_reference",
+                    forward_and_grads(&swiglu_reference, &gate, &up, &g),
+                ),
+            ];
+            for (name, [y, dgate, dup]) in runs {
+                let (y, dgate, dup) = (cpu(&y), cpu(&dgate), cpu(&dup));
+                let name = format!("{name} on {:?}", device.location());
+                for (what, a, e) in [
+                    ("y", &y, &expected_y),
+                    ("dgate", &dgate, &expected_dgate),
+                    ("dup", &dup, &expected_dup),
+                ] {
+                    let values = a.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                    assert!(
+                        values.iter().all(|v| v.is_finite()),
+                        "{name} {what} {dtype:?}: {values:?}"
+                    );
+                    assert_close(a, e, tol, &format!("{name} {what} {dtype:?} in the tails"));
+                }
             }
         }
     }
@@ -229,39 +266,58 @@ fn swiglu_accepts_strided_inputs() {
         .to_dtype(DType::F32)
         .unwrap();
     let via_t = |f: SwiGluFn| move |a: &Tensor, b: &Tensor| f(&a.t()?, &b.t()?);
-    let fast = forward_and_grads(&via_t(swiglu), &gate, &up, &g);
     let reference = forward_and_grads(&via_t(swiglu_reference), &gate, &up, &g);
-    assert_eq!(fast[1].dims(), [77, 37]);
-    for (name, (a, e)) in ["y", "dgate", "dup"]
-        .iter()
-        .zip(fast.iter().zip(&reference))
-    {
-        assert_close(a, e, F32_TOL, &format!("strided swiglu {name}"));
+    for dev in test_devices() {
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let fast = forward_and_grads(&via_t(swiglu), &on(&gate), &on(&up), &on(&g));
+        assert_eq!(fast[1].dims(), [77, 37]);
+        assert_eq!(fast[2].dims(), [77, 37]);
+        for (name, (a, e)) in ["y", "dgate", "dup"]
+            .iter()
+            .zip(fast.iter().zip(&reference))
+        {
+            assert_close(
+                &cpu(a),
+                e,
+                F32_TOL,
+                &format!("strided swiglu {name} on {:?}", dev.location()),
+            );
+        }
     }
 }
 
 #[test]
 fn swiglu_rejects_mismatched_shapes_and_dtypes() {
-    let gate = pseudo_random(&[4, 6], 6, 1.0).to_dtype(DType::F32).unwrap();
-    let up = pseudo_random(&[4, 5], 7, 1.0).to_dtype(DType::F32).unwrap();
-    for f in [swiglu as SwiGluFn, swiglu_reference] {
-        let err = f(&gate, &up).unwrap_err().to_string();
+    for dev in test_devices() {
+        let gate = pseudo_random(&[4, 6], 6, 1.0)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let up = pseudo_random(&[4, 5], 7, 1.0)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        for f in [swiglu as SwiGluFn, swiglu_reference] {
+            let err = f(&gate, &up).unwrap_err().to_string();
+            assert!(
+                err.contains("swiglu") && err.contains("[4, 6]") && err.contains("[4, 5]"),
+                "{err}"
+            );
+        }
+        let err = swiglu(&gate, &gate.to_dtype(DType::BF16).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("swiglu") && err.contains("[4, 6]") && err.contains("[4, 5]"),
+            err.contains("swiglu") && err.contains("dtype") && err.contains("BF16"),
             "{err}"
         );
+        // f64 is for the reference only.
+        let g64 = gate.to_dtype(DType::F64).unwrap();
+        let err = swiglu(&g64, &g64).unwrap_err().to_string();
+        assert!(err.contains("swiglu") && err.contains("F64"), "{err}");
     }
-    let err = swiglu(&gate, &gate.to_dtype(DType::BF16).unwrap())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("swiglu") && err.contains("dtype") && err.contains("BF16"),
-        "{err}"
-    );
-    // f64 is for the reference only.
-    let g64 = gate.to_dtype(DType::F64).unwrap();
-    let err = swiglu(&g64, &g64).unwrap_err().to_string();
-    assert!(err.contains("swiglu") && err.contains("F64"), "{err}");
 }
 
 /// `cargo test --release -p kernels --test swiglu -- --ignored --nocapture`

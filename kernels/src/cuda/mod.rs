@@ -46,13 +46,15 @@ macro_rules! ptx_module {
 ptx_module!(GELU, "gelu");
 ptx_module!(ADAMW, "adamw");
 ptx_module!(CAST, "cast");
+ptx_module!(SWIGLU, "swiglu");
+ptx_module!(ROPE, "rope");
 ptx_module!(ATTENTION, "attention");
 ptx_module!(CROSS_ENTROPY, "cross_entropy");
 ptx_module!(LAYER_NORM, "layer_norm");
 ptx_module!(RMS_NORM, "rms_norm");
 
 /// Every module, e.g. to check that all of them load on a device.
-pub const ALL_MODULES: &[Module] = &[GELU, ADAMW, CAST, ATTENTION, CROSS_ENTROPY, LAYER_NORM, RMS_NORM];
+pub const ALL_MODULES: &[Module] = &[GELU, ADAMW, CAST, SWIGLU, ROPE, ATTENTION, CROSS_ENTROPY, LAYER_NORM, RMS_NORM];
 
 /// A kernel function bound to a device's stream (candle's own `CudaFunc` cannot be named outside
 /// candle, so this is the same pair).
