@@ -158,6 +158,8 @@ const LOSS_SUM_THREADS: u32 = 1024;
 /// Forward: scalar f32 loss.
 struct CrossEntropy {
     divisor: Option<f64>,
+    /// Write the gradient over the logits' own storage (f32 CPU): see `cross_entropy_reusing_logits`.
+    reuse_logits: bool,
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -227,11 +229,57 @@ impl CustomOp2 for CrossEntropy {
     }
 
     fn bwd(&self, logits: &Tensor, targets: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.reuse_logits && logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.is_contiguous() {
+            let grad = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let [grad] = grad[..] else { bail!("cross_entropy backward: upstream gradient must be a scalar, got {} values", grad.len()) };
+            return Ok((Some(cross_entropy_grad_over_logits(logits, targets, self.divisor, grad)?), None));
+        }
         // The upstream gradient goes in as a third input (not read back to the host), so the
         // backward stays a single op on whatever device holds the logits.
         let op = CrossEntropyBwd { divisor: self.divisor };
         let dlogits = logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &grad.to_dtype(DType::F32)?, &op)?;
         Ok((Some(dlogits), None))
+    }
+}
+
+/// Backward in place: f32 logits become dlogits (llm.c's fused classifier does the same).
+struct GradOverLogits {
+    targets: Vec<u32>,
+    divisor: Option<f64>,
+    grad: f32,
+}
+
+impl candle_core::InplaceOp1 for GradOverLogits {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad-over-logits"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        const OP: &str = "cross_entropy backward";
+        let CpuStorage::F32(data) = storage else { bail!("{OP}: in-place gradient needs f32 logits") };
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("{OP}: logits must be contiguous") };
+        let rows = self.targets.len();
+        let logits = &mut data[start..end];
+        if rows == 0 || logits.len() % rows != 0 {
+            bail!("{OP}: {} logits for {rows} targets", logits.len());
+        }
+        let v = logits.len() / rows;
+        let divisor = resolve_divisor(self.divisor, count_targets(&self.targets, v, OP)?, OP)?;
+        let scale = (self.grad as f64 / divisor) as f32;
+        // Same arithmetic as `loss_grad`, with the exps stored over the row.
+        logits.par_chunks_mut(v).zip(self.targets.par_iter()).for_each(|(row, &t)| {
+            if t == IGNORE_INDEX {
+                row.fill(0.0);
+                return;
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            row.iter_mut().for_each(|x| *x = (*x - max).exp());
+            let k = scale / row.iter().sum::<f32>();
+            let target = row[t as usize];
+            row.iter_mut().for_each(|x| *x *= k);
+            row[t as usize] = target * k - scale;
+        });
+        Ok(())
     }
 }
 
@@ -337,7 +385,32 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, divisor: Option<f64>) ->
     rows_and_vocab(logits.shape(), targets.shape(), OP)?;
     check_dtypes(logits.dtype(), targets.dtype(), false, OP)?;
     resolve_divisor(divisor, 0, OP)?;
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy { divisor })
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy { divisor, reuse_logits: false })
+}
+
+/// The gradient of `cross_entropy(logits, targets, divisor)` times `grad`, written over the
+/// logits' own storage (f32, contiguous, CPU) and returned as a tensor sharing it. For an
+/// explicit backward that owns its logits; afterwards they hold the gradient.
+pub fn cross_entropy_grad_over_logits(logits: &Tensor, targets: &Tensor, divisor: Option<f64>, grad: f32) -> Result<Tensor> {
+    if !logits.device().is_cpu() || logits.dtype() != DType::F32 || !logits.is_contiguous() {
+        bail!("cross_entropy_grad_over_logits: needs contiguous f32 CPU logits, got {:?} on {:?}", logits.dtype(), logits.device().location());
+    }
+    rows_and_vocab(logits.shape(), targets.shape(), "cross_entropy backward")?;
+    let op = GradOverLogits { targets: targets.flatten_all()?.to_vec1::<u32>()?, divisor, grad };
+    logits.inplace_op1(&op)?;
+    Ok(logits.clone())
+}
+
+/// `cross_entropy` whose backward (on f32 CPU logits) writes the gradient over the logits'
+/// storage instead of allocating a second logits-sized tensor: for a 50257-word vocabulary at
+/// 1024 tokens that is 206 MB less at the step's peak. Only for logits nothing reads after the
+/// backward (a model's head_loss, where they are a temporary); elsewhere `cross_entropy`.
+pub fn cross_entropy_reusing_logits(logits: &Tensor, targets: &Tensor, divisor: Option<f64>) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    rows_and_vocab(logits.shape(), targets.shape(), OP)?;
+    check_dtypes(logits.dtype(), targets.dtype(), false, OP)?;
+    resolve_divisor(divisor, 0, OP)?;
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy { divisor, reuse_logits: true })
 }
 
 /// Spec of `cross_entropy` from differentiable candle ops, in f32. Returns a scalar f32 tensor,

@@ -38,7 +38,7 @@ pub use adamw::{adamw_step, adamw_step_reference, adamw_step_tensors, AdamWHyper
 pub use adamw::adamw_step_cuda;
 pub use attention::{causal_attention, causal_attention_reference, causal_softmax, causal_softmax_reference};
 pub use cast::{cast_scaled, cast_scaled_reference};
-pub use cross_entropy::{cross_entropy, cross_entropy_reference, IGNORE_INDEX};
+pub use cross_entropy::{cross_entropy, cross_entropy_reference, cross_entropy_reusing_logits, IGNORE_INDEX};
 pub use gelu::{gelu, gelu_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference, matmul_precision, set_matmul_precision, MatmulPrecision, WeightLayout};

@@ -232,3 +232,36 @@ fn cross_entropy_timing_fast_vs_reference_f32() {
         }
     }
 }
+
+/// The in-place backward gives the same loss and bitwise the same gradient as `cross_entropy`,
+/// and leaves that gradient in the logits' storage (which is why only temporaries may use it).
+#[test]
+fn reusing_logits_matches_cross_entropy() {
+    use candle_core::{Device, Tensor, Var};
+    let (rows, v) = (9, 53);
+    let values: Vec<f32> = kernels::testing::uniform_values(rows * v, 77).into_iter().map(|u| 4.0 * u as f32).collect();
+    let mut ids: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % v as u32).collect();
+    ids[3] = kernels::IGNORE_INDEX;
+    let targets = Tensor::from_vec(ids, rows, &Device::Cpu).unwrap();
+    for divisor in [None, Some(5.0)] {
+        let run = |reuse: bool| {
+            let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (rows, v), &Device::Cpu).unwrap()).unwrap();
+            // A copy that goes through the graph like a head's logits (not the leaf itself).
+            let logits = (x.as_tensor() * 1.0).unwrap();
+            let loss = if reuse {
+                kernels::cross_entropy_reusing_logits(&logits, &targets, divisor).unwrap()
+            } else {
+                kernels::cross_entropy(&logits, &targets, divisor).unwrap()
+            };
+            let grads = (&loss * 3.0).unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (loss.to_scalar::<f32>().unwrap(), g, logits.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        let (loss_a, grad_a, logits_a) = run(false);
+        let (loss_b, grad_b, logits_b) = run(true);
+        assert_eq!(loss_a, loss_b, "loss, divisor {divisor:?}");
+        assert_eq!(grad_a, grad_b, "gradient, divisor {divisor:?}");
+        assert_eq!(logits_a, values, "cross_entropy must leave its logits alone");
+        assert_eq!(logits_b, grad_b, "the reusing version leaves the gradient in the logits");
+    }
+}

@@ -101,6 +101,12 @@ impl BlockModel for AnyModel {
     fn block_backward(&self, index: usize, params: &[Tensor], tape: BlockTape, upstream: &Carry) -> Result<(Carry, Vec<Tensor>)> {
         delegate!(self, m => m.block_backward(index, params, tape, upstream))
     }
+    fn head_loss_train(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<(Tensor, BlockTape)> {
+        delegate!(self, m => m.head_loss_train(root, carry, targets, divisor))
+    }
+    fn head_backward(&self, root: &[Tensor], tape: BlockTape, dloss: f32) -> Result<(Carry, Vec<Option<Tensor>>)> {
+        delegate!(self, m => m.head_backward(root, tape, dloss))
+    }
     fn forward_cached(&self, params: &[Vec<Tensor>], ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         delegate!(self, m => m.forward_cached(params, ids, cache))
     }

@@ -89,6 +89,19 @@ pub trait BlockModel: Send + Sync {
         bail!("no explicit backward for this model")
     }
 
+    /// With an explicit backward: `head_loss` on detached tensors, with a tape for `head_backward`.
+    fn head_loss_train(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<(Tensor, BlockTape)> {
+        let _ = (root, carry, targets, divisor);
+        bail!("no explicit backward for this model")
+    }
+
+    /// Gradients of the last carry and of the root parameters (in `ParamSpec` order; None where
+    /// the head does not use one) for `dloss`, the gradient of the loss.
+    fn head_backward(&self, root: &[Tensor], tape: BlockTape, dloss: f32) -> Result<(Carry, Vec<Option<Tensor>>)> {
+        let _ = (root, tape, dloss);
+        bail!("no explicit backward for this model")
+    }
+
     /// Whether `forward_cached` is implemented (callers fall back to full forwards otherwise).
     fn supports_kv_cache(&self) -> bool {
         false

@@ -179,6 +179,15 @@ impl Gpt2 {
     }
 }
 
+/// What the head's explicit backward reads.
+struct Gpt2HeadTape {
+    x: Tensor,
+    normed: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    divisor: Option<f64>,
+}
+
 /// The activations a block's explicit backward reads (llm.c keeps the same set).
 struct Gpt2Tape {
     x: Tensor,
@@ -237,7 +246,7 @@ impl BlockModel for Gpt2 {
         if targets.dtype() != DType::U32 {
             bail!("gpt2 head_loss: targets must be u32, got {:?}", targets.dtype());
         }
-        kernels::cross_entropy(&logits, targets, divisor)
+        kernels::cross_entropy_reusing_logits(&logits, targets, divisor)
     }
 
     fn supports_kv_cache(&self) -> bool {
@@ -262,6 +271,33 @@ impl BlockModel for Gpt2 {
         let act = kernels::gelu(&fc)?;
         let out = (&x2 + conv1d(&act, &p[FC_PROJ_W], &p[FC_PROJ_B])?)?;
         Ok((vec![out], Box::new(Gpt2Tape { x, ln1, attention, att, x2, ln2, fc, act })))
+    }
+
+    fn head_loss_train(&self, root: &[Tensor], carry: &Carry, targets: &Tensor, divisor: Option<f64>) -> Result<(Tensor, BlockTape)> {
+        Self::check_count("head", root, 4)?;
+        if targets.dtype() != DType::U32 {
+            bail!("gpt2 head_loss: targets must be u32, got {:?}", targets.dtype());
+        }
+        let x = Self::single(carry, "head")?.detach();
+        let normed = kernels::layer_norm(&x, &root[LNF_W], &root[LNF_B], self.config.layer_norm_eps)?;
+        let logits = self.head_logits(root, &normed)?;
+        let loss = kernels::cross_entropy(&logits, targets, divisor)?;
+        Ok((loss, Box::new(Gpt2HeadTape { x, normed, logits, targets: targets.clone(), divisor })))
+    }
+
+    fn head_backward(&self, root: &[Tensor], tape: BlockTape, dloss: f32) -> Result<(Carry, Vec<Option<Tensor>>)> {
+        use kernels::backward::layer_norm_backward;
+        Self::check_count("head", root, 4)?;
+        let Ok(tape) = tape.downcast::<Gpt2HeadTape>() else { bail!("gpt2 head backward: tape from another model") };
+        let Gpt2HeadTape { x, normed, logits, targets, divisor } = *tape;
+        // The logits are this tape's own: their storage becomes dlogits (no second copy).
+        let dlogits = kernels::cross_entropy::cross_entropy_grad_over_logits(&logits, &targets, divisor, dloss)?;
+        drop(logits);
+        let (dnormed, dwte, _) = kernels::linear::linear_backward(&normed, &root[WTE], false, &dlogits, WeightLayout::OutIn)?;
+        drop(dlogits);
+        let (dx, dw, db) = layer_norm_backward(&x, &root[LNF_W], &root[LNF_B], self.config.layer_norm_eps, &dnormed)?;
+        // Root order: wte, wpe (not used by the head), ln_f weight, ln_f bias.
+        Ok((vec![dx], vec![Some(dwte), None, Some(dw), Some(db)]))
     }
 
     fn block_backward(&self, index: usize, p: &[Tensor], tape: BlockTape, upstream: &Carry) -> Result<(Carry, Vec<Tensor>)> {

@@ -221,7 +221,7 @@ impl BlockModel for Llama {
         if targets.dtype() != DType::U32 {
             bail!("llama head_loss: targets must be u32, got {:?}", targets.dtype());
         }
-        kernels::cross_entropy(&self.logits(root, carry)?, targets, divisor)
+        kernels::cross_entropy_reusing_logits(&self.logits(root, carry)?, targets, divisor)
     }
 
     fn supports_kv_cache(&self) -> bool {

@@ -585,17 +585,34 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             saved.push(SavedBlock { inputs: std::mem::replace(&mut carry, next), kept });
         }
         let last: Carry = carry.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = self.model.head_loss(&root_t, &last, &micro.targets, Some(divisor))?;
+        let (loss, head_tape) = if explicit {
+            let root_d: Vec<Tensor> = root.iter().map(|v| v.as_detached_tensor()).collect();
+            let last_d: Carry = last.iter().map(|t| t.detach()).collect();
+            let (loss, tape) = self.model.head_loss_train(&root_d, &last_d, &micro.targets, Some(divisor))?;
+            (loss, Some(tape))
+        } else {
+            (self.model.head_loss(&root_t, &last, &micro.targets, Some(divisor))?, None)
+        };
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         stats.forward_s += t0.elapsed().as_secs_f64();
 
         // Backward, one unit at a time, from the loss down to the embedding.
         let t1 = Instant::now();
         let mut root_full = if shard_grads && !self.on_tensors() { Some(vec![0f32; self.units[0].layout.padded_numel]) } else { None };
-        let grads = loss.backward()?;
-        self.take_grads(0, &root, &grads, root_full.as_mut())?;
-        let mut upstream = upstream_of(&grads, &carry)?;
-        drop((grads, loss, last, carry));
+        let mut upstream = match head_tape {
+            Some(tape) => {
+                let root_d: Vec<Tensor> = root.iter().map(|v| v.as_detached_tensor()).collect();
+                let (dcarry, droot) = self.model.head_backward(&root_d, tape, 1.0)?;
+                self.take_grad_list(0, &droot, root_full.as_mut())?;
+                dcarry
+            }
+            None => {
+                let grads = loss.backward()?;
+                self.take_grads(0, &root, &grads, root_full.as_mut())?;
+                upstream_of(&grads, &carry)?
+            }
+        };
+        drop((loss, last, carry));
         let mut prefetch = if shard_params && recompute && n_blocks > 0 { Some(self.gather_async(n_blocks)?) } else { None };
         for i in (0..n_blocks).rev() {
             let block = saved.pop().ok_or_else(|| cerr(format!("missing forward record of block {i}")))?;
