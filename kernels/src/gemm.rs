@@ -443,6 +443,21 @@ pub fn matmul_bf16(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, accumulate: 
     unsafe { matmul_bf16_raw(a, b, c.as_mut_ptr(), ldc, accumulate, true) }
 }
 
+/// A B as a new row-major (m x n) Vec (bf16 inputs, f32 sums, parallel). The product writes every
+/// element, so the Vec is not zero-filled first (a memset per product showed in profiles).
+pub fn product_bf16(a: MatRef, b: MatRef) -> Vec<f32> {
+    let (m, n) = (a.rows, b.cols);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: with accumulate = false, matmul_bf16_raw writes all m x n elements at ldc = n
+    // (tiles inside C directly, edge tiles through scratch, zeros when k == 0) and reads none
+    // before writing them; only then is the length set.
+    unsafe {
+        matmul_bf16_raw(a, b, c.as_mut_ptr(), n, false, true);
+        c.set_len(m * n);
+    }
+    c
+}
+
 fn check_c(a: &MatRef, b: &MatRef, c_len: usize, ldc: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: A is {m}x{k} but B is {}x{n}", b.rows);

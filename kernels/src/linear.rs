@@ -11,7 +11,7 @@
 //! The precision is a process-wide switch (like PyTorch's `torch.set_float32_matmul_precision`),
 //! set once by the trainer from its config before building the model.
 
-use crate::gemm::{amx_available, matmul_bf16, MatRef};
+use crate::gemm::{amx_available, matmul_bf16, product_bf16, MatRef};
 use crate::util::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
@@ -124,11 +124,11 @@ impl LinearOp {
 
     fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let rows = x.len() / self.n_in;
+        let x = MatRef::new(x, rows, self.n_in);
+        let Some(bias) = bias else { return product_bf16(x, self.weight_as_b(w)) };
         let mut y = vec![0f32; rows * self.n_out];
-        if let Some(bias) = bias {
-            y.chunks_mut(self.n_out).for_each(|row| row.copy_from_slice(bias));
-        }
-        matmul_bf16(MatRef::new(x, rows, self.n_in), self.weight_as_b(w), &mut y, self.n_out, bias.is_some());
+        y.chunks_mut(self.n_out).for_each(|row| row.copy_from_slice(bias));
+        matmul_bf16(x, self.weight_as_b(w), &mut y, self.n_out, true);
         y
     }
 
@@ -155,20 +155,11 @@ impl LinearOp {
         let gm = MatRef::new(g, rows, n_out);
         let xm = MatRef::new(xv, rows, n_in);
         // dx = g B^T.
-        let mut dx = vec![0f32; rows * n_in];
-        matmul_bf16(gm, self.weight_as_b(wv).t(), &mut dx, n_in, false);
+        let dx = product_bf16(gm, self.weight_as_b(wv).t());
         // dB = x^T g (n_in x n_out); stored as the weight is: OutIn wants dB^T = g^T x.
         let dw = match self.layout {
-            WeightLayout::InOut => {
-                let mut dw = vec![0f32; n_in * n_out];
-                matmul_bf16(xm.t(), gm, &mut dw, n_out, false);
-                dw
-            }
-            WeightLayout::OutIn => {
-                let mut dw = vec![0f32; n_out * n_in];
-                matmul_bf16(gm.t(), xm, &mut dw, n_in, false);
-                dw
-            }
+            WeightLayout::InOut => product_bf16(xm.t(), gm),
+            WeightLayout::OutIn => product_bf16(gm.t(), xm),
         };
         let db = with_bias.then(|| column_sums(g, n_out));
         drop((gs, xs, ws));

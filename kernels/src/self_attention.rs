@@ -119,7 +119,9 @@ impl SelfAttention {
 
     fn forward(&self, dims: Dims, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let Dims { b, t, c, h, d } = dims;
-        let mut y = vec![0f32; b * t * c];
+        // y is written only through `out`, every element once (the heads partition its columns),
+        // so it is not zero-filled first; its length is set after the writes.
+        let mut y: Vec<f32> = Vec::with_capacity(b * t * c);
         let mut probs = vec![0f32; b * h * t * t];
         let out = SharedOut(y.as_mut_ptr());
         probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
@@ -132,12 +134,15 @@ impl SelfAttention {
                 matmul_serial_raw(MatRef::new(p, t, t), dims.part(qkv, bh, 2), dst, c, false, self.bf16);
             }
         });
+        // SAFETY: every (batch, head) task wrote its T x D block of y above.
+        unsafe { y.set_len(b * t * c) };
         (y, probs)
     }
 
     fn backward(&self, dims: Dims, qkv: &[f32], probs: &[f32], dy: &[f32]) -> Vec<f32> {
         let Dims { b, t, c, h, d } = dims;
-        let mut dqkv = vec![0f32; b * t * 3 * c];
+        // Written only through `out`: dq, dk and dv of every head cover all 3C columns.
+        let mut dqkv: Vec<f32> = Vec::with_capacity(b * t * 3 * c);
         let out = SharedOut(dqkv.as_mut_ptr());
         let scale = Self::scale(&dims);
         (0..b * h).into_par_iter().for_each_init(
@@ -173,6 +178,8 @@ impl SelfAttention {
                 }
             },
         );
+        // SAFETY: every (batch, head) task wrote its dq, dk and dv blocks above.
+        unsafe { dqkv.set_len(b * t * 3 * c) };
         dqkv
     }
 }
