@@ -110,11 +110,30 @@ impl SelfAttention {
     }
 
     /// P for pair `bh` into `p` (T x T).
-    fn probs(&self, dims: &Dims, qkv: &[f32], bh: usize, p: &mut [f32]) {
+    /// P for pair `bh`, written to the T x T values at `p` (which may be uninitialized: the
+    /// product writes all of them before the softmax reads any).
+    ///
+    /// # Safety
+    /// `p` must be valid for T x T writes that no other thread touches.
+    unsafe fn probs(&self, dims: &Dims, qkv: &[f32], bh: usize, p: *mut f32) {
         let t = dims.t;
-        // SAFETY: p holds T x T values; the views lie inside qkv.
-        unsafe { matmul_serial_raw(dims.part(qkv, bh, 0), dims.part(qkv, bh, 1).t(), p.as_mut_ptr(), t, false, self.bf16) };
-        causal_softmax_rows(p, t, Self::scale(dims));
+        matmul_serial_raw(dims.part(qkv, bh, 0), dims.part(qkv, bh, 1).t(), p, t, false, self.bf16);
+        causal_softmax_rows(std::slice::from_raw_parts_mut(p, t * t), t, Self::scale(dims));
+    }
+
+    /// P of every pair (B, H, T, T), without zero-filling the buffer first.
+    fn all_probs(&self, dims: &Dims, qkv: &[f32]) -> Vec<f32> {
+        let n = dims.b * dims.h * dims.t * dims.t;
+        let mut probs: Vec<f32> = Vec::with_capacity(n);
+        let out = SharedOut(probs.as_mut_ptr());
+        (0..dims.b * dims.h).into_par_iter().for_each(|bh| {
+            let out = out;
+            // SAFETY: pair bh writes only its own T x T block.
+            unsafe { self.probs(dims, qkv, bh, out.0.add(bh * dims.t * dims.t)) }
+        });
+        // SAFETY: every block was written above.
+        unsafe { probs.set_len(n) };
+        probs
     }
 
     fn forward(&self, dims: Dims, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -122,10 +141,16 @@ impl SelfAttention {
         // y is written only through `out`, every element once (the heads partition its columns),
         // so it is not zero-filled first; its length is set after the writes.
         let mut y: Vec<f32> = Vec::with_capacity(b * t * c);
-        let mut probs = vec![0f32; b * h * t * t];
-        let out = SharedOut(y.as_mut_ptr());
-        probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
-            self.probs(&dims, qkv, bh, p);
+        let mut probs: Vec<f32> = Vec::with_capacity(b * h * t * t);
+        let (out, p_out) = (SharedOut(y.as_mut_ptr()), SharedOut(probs.as_mut_ptr()));
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let p_out = p_out;
+            // SAFETY: pair bh writes only its own T x T block of probs, initializing it.
+            let p = unsafe {
+                let p = p_out.0.add(bh * t * t);
+                self.probs(&dims, qkv, bh, p);
+                std::slice::from_raw_parts(p, t * t)
+            };
             let (bi, hi) = (bh / h, bh % h);
             let out = out;
             // SAFETY: pair (bi, hi) writes rows of batch bi, columns hi*D..(hi+1)*D only.
@@ -134,8 +159,11 @@ impl SelfAttention {
                 matmul_serial_raw(MatRef::new(p, t, t), dims.part(qkv, bh, 2), dst, c, false, self.bf16);
             }
         });
-        // SAFETY: every (batch, head) task wrote its T x D block of y above.
-        unsafe { y.set_len(b * t * c) };
+        // SAFETY: every (batch, head) task wrote its T x D block of y and its block of probs above.
+        unsafe {
+            y.set_len(b * t * c);
+            probs.set_len(b * h * t * t);
+        }
         (y, probs)
     }
 
@@ -218,9 +246,7 @@ impl CustomOp1 for SelfAttention {
         let probs = match saved {
             Some(p) => p,
             None => {
-                let mut p = vec![0f32; dims.b * dims.h * dims.t * dims.t];
-                p.par_chunks_mut(dims.t * dims.t).enumerate().for_each(|(bh, p)| self.probs(&dims, q, bh, p));
-                p
+                self.all_probs(&dims, q)
             }
         };
         let dqkv = self.backward(dims, q, &probs, g);

@@ -58,3 +58,16 @@ fn self_attention_rejects_bad_widths() {
     let qkv = pseudo_random(&[1, 4, 10], 1, 1.0);
     assert!(causal_self_attention(&qkv, 2).is_err());
 }
+
+#[test]
+fn second_backward_recomputes_the_probabilities() {
+    // The forward's P is handed to the first backward; a second backward over the same graph
+    // recomputes it and must give the same gradient.
+    let qkv = pseudo_random(&[2, 37, 3 * 2 * 8], 11, 2.0);
+    let g = pseudo_random(&[2, 37, 16], 12, 1.0);
+    let v = Var::from_tensor(&qkv).unwrap();
+    let loss = causal_self_attention(v.as_tensor(), 2).unwrap().mul(&g).unwrap().sum_all().unwrap();
+    let first = loss.backward().unwrap().get(&v).unwrap().clone();
+    let second = loss.backward().unwrap().get(&v).unwrap().clone();
+    assert_close(&second, &first, Tolerance { rtol: 0.0, atol: 0.0 }, "recomputed P");
+}
