@@ -35,6 +35,21 @@ fn rows_and_len(shape: &Shape, op: &str) -> Result<(usize, usize)> {
     Ok((shape.elem_count().checked_div(t).unwrap_or(0), t))
 }
 
+/// Row `row` of P for query `i`: softmax(scale * s) over keys 0..=i, zero beyond. The (possibly
+/// inf/nan) entries past i are never read.
+pub(crate) fn causal_softmax_row(row: &mut [f32], i: usize, scale: f32) {
+    let (visible, future) = row.split_at_mut(i + 1);
+    let max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    let mut sum = 0f32;
+    for x in visible.iter_mut() {
+        *x = (*x * scale - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    visible.iter_mut().for_each(|x| *x *= inv);
+    future.fill(0.0);
+}
+
 /// Forward: P = causal softmax(scale * scores) over the last dim.
 struct CausalSoftmax {
     scale: f32,
@@ -51,21 +66,8 @@ impl CustomOp1 for CausalSoftmax {
         let mut p = to_f32_vec(storage, layout, "causal_softmax")?;
         if t > 0 {
             let scale = self.scale;
-            p.par_chunks_mut(t).enumerate().for_each(|(r, row)| {
-                // Row r of a (T, T) block is query i = r % T; only keys 0..=i are visible, so the
-                // (possibly inf/nan) entries past i are never read.
-                let i = r % t;
-                let (visible, future) = row.split_at_mut(i + 1);
-                let max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-                let mut sum = 0f32;
-                for x in visible.iter_mut() {
-                    *x = (*x * scale - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                visible.iter_mut().for_each(|x| *x *= inv);
-                future.iter_mut().for_each(|x| *x = 0.0);
-            });
+            // Row r of a (T, T) block is query r % T.
+            p.par_chunks_mut(t).enumerate().for_each(|(r, row)| causal_softmax_row(row, r % t, scale));
         }
         Ok((from_f32_vec(p, storage.dtype(), "causal_softmax")?, layout.shape().clone()))
     }

@@ -88,19 +88,10 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
-/// Row i of P over keys 0..=i: softmax(scale * s), zero beyond i.
+/// P over a (T, T) block of scores: row i is the causal softmax over keys 0..=i.
 fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
     for (i, row) in p.chunks_mut(t).enumerate() {
-        let (visible, future) = row.split_at_mut(i + 1);
-        let max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-        let mut sum = 0f32;
-        for x in visible.iter_mut() {
-            *x = (*x * scale - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        visible.iter_mut().for_each(|x| *x *= inv);
-        future.fill(0.0);
+        crate::attention::causal_softmax_row(row, i, scale);
     }
 }
 
