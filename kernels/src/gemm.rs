@@ -563,8 +563,33 @@ pub unsafe fn matmul_serial_raw(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, a
     if bf16 {
         matmul_bf16_raw(a, b, c, ldc, accumulate, false)
     } else {
-        matmul_f32_raw(a, b, c, ldc, accumulate)
+        matmul_exact_raw(a, b, c, ldc, accumulate, false)
     }
+}
+
+/// Exact f32 C (+)= A B: the AVX-512 kernel where the CPU has it, else the gemm crate (serial).
+///
+/// # Safety
+/// As [`matmul_bf16_raw`].
+pub unsafe fn matmul_exact_raw(a: MatRef, b: MatRef, c: *mut f32, ldc: usize, accumulate: bool, parallel: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm_f32::available() {
+        return crate::gemm_f32::matmul_f32(a, b, c, ldc, accumulate, parallel);
+    }
+    matmul_f32_raw(a, b, c, ldc, accumulate)
+}
+
+/// A B as a new row-major (m x n) Vec in exact f32 (parallel where the AVX-512 kernel runs).
+pub fn product_f32(a: MatRef, b: MatRef) -> Vec<f32> {
+    let (m, n) = (a.rows, b.cols);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: with accumulate = false both kernels write every element of the m x n result
+    // before any read; only then is the length set.
+    unsafe {
+        matmul_exact_raw(a, b, c.as_mut_ptr(), n, false, true);
+        c.set_len(m * n);
+    }
+    c
 }
 
 /// Zero, load or store accumulator tile `t` (0..4 = tmm0..tmm3): tile registers are named in the

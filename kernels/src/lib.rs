@@ -24,6 +24,7 @@ pub mod cross_entropy;
 pub mod cuda;
 pub mod gelu;
 pub mod gemm;
+pub mod gemm_f32;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;

@@ -3,15 +3,17 @@
 //! Two reasons to have it rather than `matmul` + `broadcast_add`:
 //! - Matmul precision. With [`MatmulPrecision::Bf16`] and a CPU with AMX, the three products
 //!   (forward, input gradient, weight gradient) run in [`crate::gemm::matmul_bf16`]: f32 tensors
-//!   in and out, inputs rounded to bf16, f32 sums. Elsewhere (f32 precision, no AMX, bf16/f16
-//!   tensors, CUDA) it is exactly candle's `matmul` + `broadcast_add`.
+//!   in and out, inputs rounded to bf16, f32 sums. With f32 precision on a CPU with AVX-512 they
+//!   run in [`crate::gemm_f32`] (exact f32, 512-bit FMAs: candle's gemm uses 256-bit ones on
+//!   stable Rust). Elsewhere (no AVX-512, bf16/f16 tensors, CUDA) it is candle's `matmul` +
+//!   `broadcast_add`.
 //! - Fewer autograd nodes: candle's backward for matmul + broadcast_add + reshapes allocates and
 //!   accumulates a zero-filled gradient per edge; one custom op hands back dx, dW and db directly.
 //!
 //! The precision is a process-wide switch (like PyTorch's `torch.set_float32_matmul_precision`),
 //! set once by the trainer from its config before building the model.
 
-use crate::gemm::{amx_available, matmul_bf16, product_bf16, MatRef};
+use crate::gemm::{amx_available, matmul_bf16, matmul_exact_raw, product_bf16, product_f32, MatRef};
 use crate::util::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
@@ -40,6 +42,12 @@ pub fn matmul_precision() -> MatmulPrecision {
     } else {
         MatmulPrecision::F32
     }
+}
+
+/// Whether `linear` runs its own op (AMX bf16 products, or exact f32 with the AVX-512 kernel)
+/// rather than candle's matmul for tensors of `dtype` on `device`.
+fn uses_own_products(device: &Device, dtype: DType) -> bool {
+    uses_bf16_matmul(device, dtype) || (device.is_cpu() && dtype == DType::F32 && crate::gemm_f32::available())
 }
 
 /// Whether f32 products on `device` go through the AMX bf16 path right now.
@@ -77,7 +85,7 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: Weig
 
 /// y = x W^T + b (`OutIn`) or x W + b (`InOut`) over the last dimension of `x`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
-    if !uses_bf16_matmul(x.device(), x.dtype()) || w.dtype() != DType::F32 {
+    if !uses_own_products(x.device(), x.dtype()) || w.dtype() != DType::F32 {
         return linear_reference(x, w, b, layout);
     }
     let (n_in, n_out) = weight_dims(w, layout)?;
@@ -86,7 +94,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) 
     }
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let op = LinearOp { layout, n_in, n_out };
+    let op = LinearOp { layout, n_in, n_out, bf16: uses_bf16_matmul(x.device(), x.dtype()) };
     match b {
         Some(b) => {
             if b.dims() != [n_out] {
@@ -111,9 +119,19 @@ struct LinearOp {
     layout: WeightLayout,
     n_in: usize,
     n_out: usize,
+    /// AMX bf16 products; otherwise exact f32 (AVX-512 kernel).
+    bf16: bool,
 }
 
 impl LinearOp {
+    fn product(&self, a: MatRef, b: MatRef) -> Vec<f32> {
+        if self.bf16 {
+            product_bf16(a, b)
+        } else {
+            product_f32(a, b)
+        }
+    }
+
     /// The weight as a (n_in x n_out) matrix B with y = x B.
     fn weight_as_b<'a>(&self, w: &'a [f32]) -> MatRef<'a> {
         match self.layout {
@@ -125,10 +143,15 @@ impl LinearOp {
     fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let rows = x.len() / self.n_in;
         let x = MatRef::new(x, rows, self.n_in);
-        let Some(bias) = bias else { return product_bf16(x, self.weight_as_b(w)) };
+        let Some(bias) = bias else { return self.product(x, self.weight_as_b(w)) };
         let mut y = vec![0f32; rows * self.n_out];
         y.chunks_mut(self.n_out).for_each(|row| row.copy_from_slice(bias));
-        matmul_bf16(x, self.weight_as_b(w), &mut y, self.n_out, true);
+        if self.bf16 {
+            matmul_bf16(x, self.weight_as_b(w), &mut y, self.n_out, true);
+        } else {
+            // SAFETY: y holds rows x n_out values at stride n_out.
+            unsafe { matmul_exact_raw(x, self.weight_as_b(w), y.as_mut_ptr(), self.n_out, true, true) };
+        }
         y
     }
 
@@ -155,11 +178,11 @@ impl LinearOp {
         let gm = MatRef::new(g, rows, n_out);
         let xm = MatRef::new(xv, rows, n_in);
         // dx = g B^T.
-        let dx = product_bf16(gm, self.weight_as_b(wv).t());
+        let dx = self.product(gm, self.weight_as_b(wv).t());
         // dB = x^T g (n_in x n_out); stored as the weight is: OutIn wants dB^T = g^T x.
         let dw = match self.layout {
-            WeightLayout::InOut => product_bf16(xm.t(), gm),
-            WeightLayout::OutIn => product_bf16(gm.t(), xm),
+            WeightLayout::InOut => self.product(xm.t(), gm),
+            WeightLayout::OutIn => self.product(gm.t(), xm),
         };
         let db = with_bias.then(|| column_sums(g, n_out));
         drop((gs, xs, ws));
@@ -180,7 +203,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear-bf16"
+        "linear"
     }
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let y = self.forward(f32_slice(xs, xl, "linear x")?, f32_slice(ws, wl, "linear weight")?, None);
@@ -194,7 +217,7 @@ impl CustomOp2 for LinearOp {
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear-bias-bf16"
+        "linear-bias"
     }
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let bias = f32_slice(bs, bl, "linear bias")?;
@@ -212,8 +235,8 @@ impl CustomOp3 for LinearOp {
 /// otherwise (the same products autograd would run).
 pub fn linear_backward(x: &Tensor, w: &Tensor, with_bias: bool, dy: &Tensor, layout: WeightLayout) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (n_in, n_out) = weight_dims(w, layout)?;
-    if uses_bf16_matmul(x.device(), x.dtype()) && w.dtype() == DType::F32 {
-        let op = LinearOp { layout, n_in, n_out };
+    if uses_own_products(x.device(), x.dtype()) && w.dtype() == DType::F32 {
+        let op = LinearOp { layout, n_in, n_out, bf16: uses_bf16_matmul(x.device(), x.dtype()) };
         return op.backward(&x.contiguous()?, &w.contiguous()?, dy, with_bias);
     }
     let rows = x.elem_count() / n_in.max(1);

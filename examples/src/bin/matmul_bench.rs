@@ -41,7 +41,11 @@ fn time_amx(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let mut times = Vec::new();
     for _ in 0..6 {
         let t0 = std::time::Instant::now();
-        matmul_bf16(mat(&ad, m, k, at), mat(&bd, k, n, bt), &mut c, n, false);
+        if std::env::var("F32").is_ok() {
+            unsafe { kernels::gemm_f32::matmul_f32(mat(&ad, m, k, at), mat(&bd, k, n, bt), c.as_mut_ptr(), n, false, true) };
+        } else {
+            matmul_bf16(mat(&ad, m, k, at), mat(&bd, k, n, bt), &mut c, n, false);
+        }
         times.push(t0.elapsed().as_secs_f64());
     }
     times.remove(0);
