@@ -7,7 +7,8 @@ in exact fp32 (ours `--matmul f32`, PyTorch fp32) and with bf16 matrix products 
 bf16`: bf16 inputs, f32 sums on AMX; PyTorch: forward under CPU autocast to bf16). Peak memory is
 each process's maximum resident set (wait4's ru_maxrss), measured the same way for both.
 
-Needs the release binary (cargo build --release) and a Python with PyPI torch:
+Needs the release binary (cargo build --release) and a Python with PyPI torch
+(python3 -m venv .venv && .venv/bin/pip install torch):
   python3 scripts/compare_torch.py [--python .venv/bin/python] [--threads 2] [--models char-small,gpt2-124m]
 """
 
@@ -34,6 +35,8 @@ def run(cmd):
 
 
 def ours(binary, model, batch, steps, threads, matmul):
+    if not os.path.exists(binary):
+        sys.exit(f"no binary at {binary}: run `cargo build --release` first, or pass --binary")
     out, rss = run([binary, "bench", "--model", model, "--batch", str(batch), "--seq-len", "256",
                     "--steps", str(steps), "--threads", str(threads), "--matmul", matmul])
     step = float(re.search(r"\| step\s+\|\s+([0-9.]+)", out).group(1))
@@ -41,6 +44,8 @@ def ours(binary, model, batch, steps, threads, matmul):
 
 
 def torch_step(python, model, batch, steps, threads, bf16):
+    if not os.path.exists(python):
+        sys.exit(f"no Python at {python}: create it with `python3 -m venv .venv && .venv/bin/pip install torch`, or pass --python")
     cmd = [python, os.path.join(HERE, "torch_gpt_step.py"), "--model", model, "--batch", str(batch),
            "--steps", str(steps), "--threads", str(threads)] + (["--bf16"] if bf16 else [])
     out, rss = run(cmd)
