@@ -110,17 +110,25 @@ fn loss_grad<T: KernelFloat>(logits: &[T], targets: &[u32], v: usize, scale: f32
             if t == IGNORE_INDEX {
                 return;
             }
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.widen()));
             exps.clear();
-            exps.extend(row.iter().map(|x| (x.widen() - max).exp()));
-            let k = scale / exps.iter().sum::<f32>();
-            for (o, e) in out.iter_mut().zip(exps.iter()) {
-                *o = T::narrow(e * k);
+            exps.extend(row.iter().map(|x| x.widen()));
+            softmax_grad_in_place(exps, t as usize, scale);
+            for (o, &g) in out.iter_mut().zip(exps.iter()) {
+                *o = T::narrow(g);
             }
-            out[t as usize] = T::narrow(exps[t as usize] * k - scale);
         },
     );
     out
+}
+
+/// One row of logits (f32) becomes its gradient: (softmax(row) - onehot(target)) * scale.
+fn softmax_grad_in_place(row: &mut [f32], target: usize, scale: f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    row.iter_mut().for_each(|x| *x = (*x - max).exp());
+    let k = scale / row.iter().sum::<f32>();
+    let at_target = row[target];
+    row.iter_mut().for_each(|x| *x *= k);
+    row[target] = at_target * k - scale;
 }
 
 fn targets_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [u32]> {
@@ -266,18 +274,13 @@ impl candle_core::InplaceOp1 for GradOverLogits {
         let v = logits.len() / rows;
         let divisor = resolve_divisor(self.divisor, count_targets(&self.targets, v, OP)?, OP)?;
         let scale = (self.grad as f64 / divisor) as f32;
-        // Same arithmetic as `loss_grad`, with the exps stored over the row.
+        // The same row function as `loss_grad`, applied over the logits themselves.
         logits.par_chunks_mut(v).zip(self.targets.par_iter()).for_each(|(row, &t)| {
             if t == IGNORE_INDEX {
                 row.fill(0.0);
-                return;
+            } else {
+                softmax_grad_in_place(row, t as usize, scale);
             }
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            row.iter_mut().for_each(|x| *x = (*x - max).exp());
-            let k = scale / row.iter().sum::<f32>();
-            let target = row[t as usize];
-            row.iter_mut().for_each(|x| *x *= k);
-            row[t as usize] = target * k - scale;
         });
         Ok(())
     }

@@ -2,8 +2,8 @@
 //!
 //! Why: a training step is mostly matrix products, and in f32 a CPU core does at best 32 FMAs per
 //! cycle (candle's gemm crate reaches ~175-200 GFLOP/s on this 2-core VM). AMX tiles multiply
-//! bf16 pairs with f32 accumulation at up to 16x that rate: `tdpbf16ps` alone measured
-//! ~3.5 TFLOP/s per core here. Inputs stay f32 in memory; they are rounded to bf16 (round to
+//! bf16 pairs with f32 accumulation at up to 16x that rate (a register-only `tdpbf16ps` loop ran
+//! at ~3.5 TFLOP/s on one core here; docs/benchmarks.md). Inputs stay f32 in memory; they are rounded to bf16 (round to
 //! nearest even) while being packed into tiles, and sums are f32, which is what PyTorch calls
 //! `float32_matmul_precision = "medium"` and what bf16 mixed-precision training does on GPUs.
 //! Relative error per product is about k^0.5 * 2^-9 of the input magnitudes; tests bound it.

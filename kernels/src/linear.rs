@@ -66,8 +66,7 @@ pub enum WeightLayout {
 
 /// The reference: candle primitives, any dtype and device.
 pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let n_in = *dims.last().unwrap_or(&0);
+    let n_in = x.dim(D::Minus1)?;
     let rows = x.elem_count() / n_in.max(1);
     let w = match layout {
         WeightLayout::OutIn => w.t()?,
@@ -78,8 +77,9 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: Weig
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
-    let mut out_dims = dims;
-    *out_dims.last_mut().unwrap() = y.dim(1)?;
+    let mut out_dims = x.dims().to_vec();
+    let last = out_dims.len() - 1; // x has at least one dim: x.dim(D::Minus1) succeeded
+    out_dims[last] = y.dim(1)?;
     y.reshape(out_dims)
 }
 
@@ -155,9 +155,12 @@ impl LinearOp {
         y
     }
 
+    /// x's shape with the last dim (n_in, checked by `linear`) replaced by n_out.
     fn out_shape(&self, x: &Layout) -> Shape {
         let mut dims = x.dims().to_vec();
-        *dims.last_mut().unwrap() = self.n_out;
+        if let Some(last) = dims.last_mut() {
+            *last = self.n_out;
+        }
         Shape::from(dims)
     }
 
@@ -231,8 +234,8 @@ impl CustomOp3 for LinearOp {
 }
 
 /// dx, dW (in the weight's layout) and db (when `with_bias`) of `linear(x, w, b, layout)` for
-/// upstream `dy`, without autograd: the op's own backward on the bf16 path, candle matmuls
-/// otherwise (the same products autograd would run).
+/// upstream `dy`, without autograd: the op's own backward where `linear` uses the op (AMX bf16 or
+/// AVX-512 f32 products), candle matmuls otherwise (the same products autograd would run).
 pub fn linear_backward(x: &Tensor, w: &Tensor, with_bias: bool, dy: &Tensor, layout: WeightLayout) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (n_in, n_out) = weight_dims(w, layout)?;
     if uses_own_products(x.device(), x.dtype()) && w.dtype() == DType::F32 {

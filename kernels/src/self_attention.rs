@@ -51,6 +51,11 @@ fn check_width(qkv: &Tensor, n_head: usize) -> Result<()> {
     Ok(())
 }
 
+/// The saved P, even if a thread panicked while holding the lock (the value is whole either way).
+fn lock(saved: &Mutex<Option<Vec<f32>>>) -> std::sync::MutexGuard<'_, Option<Vec<f32>>> {
+    saved.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct SelfAttention {
     n_head: usize,
     bf16: bool,
@@ -216,7 +221,7 @@ impl CustomOp1 for SelfAttention {
             return Ok((CpuStorage::F32(vec![]), Shape::from((dims.b, dims.t, dims.c))));
         }
         let (y, probs) = self.forward(dims, qkv);
-        *self.saved_probs.lock().unwrap() = Some(probs);
+        *lock(&self.saved_probs) = Some(probs);
         Ok((CpuStorage::F32(y), Shape::from((dims.b, dims.t, dims.c))))
     }
 
@@ -233,7 +238,7 @@ impl CustomOp1 for SelfAttention {
         }
         let op = "causal_self_attention backward";
         let (q, g) = (contiguous_slice(q, ql, op)?, contiguous_slice(g, gl, op)?);
-        let saved = self.saved_probs.lock().unwrap().take();
+        let saved = lock(&self.saved_probs).take();
         let probs = match saved {
             Some(p) => p,
             None => {
@@ -275,6 +280,6 @@ pub fn causal_self_attention_train(qkv: &Tensor, n_head: usize) -> Result<(Tenso
 /// d(qkv) for upstream `dy` (B, T, C), from the forward's tape.
 pub fn causal_self_attention_backward(tape: AttentionTape, dy: &Tensor) -> Result<Tensor> {
     let AttentionTape { qkv, probs, op } = tape;
-    *op.saved_probs.lock().unwrap() = Some(probs);
+    *lock(&op.saved_probs) = Some(probs);
     op.bwd(&qkv, dy, dy)?.ok_or_else(|| candle_core::Error::Msg("attention backward returned no gradient".into()))
 }

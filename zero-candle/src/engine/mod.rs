@@ -585,8 +585,8 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
             saved.push(SavedBlock { inputs: std::mem::replace(&mut carry, next), kept });
         }
         let last: Carry = carry.iter().map(|v| v.as_tensor().clone()).collect();
+        let root_d: Vec<Tensor> = if explicit { root.iter().map(|v| v.as_detached_tensor()).collect() } else { Vec::new() };
         let (loss, head_tape) = if explicit {
-            let root_d: Vec<Tensor> = root.iter().map(|v| v.as_detached_tensor()).collect();
             let last_d: Carry = last.iter().map(|t| t.detach()).collect();
             let (loss, tape) = self.model.head_loss_train(&root_d, &last_d, &micro.targets, Some(divisor))?;
             (loss, Some(tape))
@@ -601,7 +601,6 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
         let mut root_full = if shard_grads && !self.on_tensors() { Some(vec![0f32; self.units[0].layout.padded_numel]) } else { None };
         let mut upstream = match head_tape {
             Some(tape) => {
-                let root_d: Vec<Tensor> = root.iter().map(|v| v.as_detached_tensor()).collect();
                 let (dcarry, droot) = self.model.head_backward(&root_d, tape, 1.0)?;
                 self.take_grad_list(0, &droot, root_full.as_mut())?;
                 dcarry
@@ -612,7 +611,7 @@ impl<M: BlockModel, C: Comm> Engine<M, C> {
                 upstream_of(&grads, &carry)?
             }
         };
-        drop((loss, last, carry));
+        drop((loss, last, carry, root_d));
         let mut prefetch = if shard_params && recompute && n_blocks > 0 { Some(self.gather_async(n_blocks)?) } else { None };
         for i in (0..n_blocks).rev() {
             let block = saved.pop().ok_or_else(|| cerr(format!("missing forward record of block {i}")))?;
